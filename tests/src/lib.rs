@@ -1,0 +1,1 @@
+//! End-to-end test harness: gateway on port 0, WebSocket clients, token minting.

@@ -1,0 +1,1 @@
+//! Logical-replication listener (pgoutput). Filled in by the wal-listener issue.
