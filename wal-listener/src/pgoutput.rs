@@ -374,7 +374,12 @@ impl Reader {
     }
 
     /// A non-negative count whose items take at least `min_item` bytes each.
-    fn count(&mut self, raw: i64, min_item: usize, what: &'static str) -> Result<usize, DecodeError> {
+    fn count(
+        &mut self,
+        raw: i64,
+        min_item: usize,
+        what: &'static str,
+    ) -> Result<usize, DecodeError> {
         let n = usize::try_from(raw).map_err(|_| DecodeError::InvalidLength(what))?;
         if n.saturating_mul(min_item) > self.remaining() {
             return Err(DecodeError::InvalidLength(what));
@@ -649,7 +654,10 @@ mod tests {
     fn every_prefix_of_a_valid_message_is_an_error() {
         let full = relation();
         for n in 0..full.len() {
-            assert!(decode(Bytes::copy_from_slice(&full[..n])).is_err(), "prefix {n}");
+            assert!(
+                decode(Bytes::copy_from_slice(&full[..n])).is_err(),
+                "prefix {n}"
+            );
         }
         let mut extra = full.clone();
         extra.push(0);
@@ -682,7 +690,7 @@ mod tests {
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
         let tags = b"BCORYIUDTMxN";
         for i in 0..20_000 {
-            let len = (i % 64) as usize;
+            let len = i % 64;
             let mut buf = Vec::with_capacity(len + 1);
             buf.push(tags[i % tags.len()]);
             for _ in 0..len {
@@ -697,11 +705,17 @@ mod tests {
 
     #[test]
     fn commit_timestamp_format() {
-        assert_eq!(PgTimestamp(0).to_rfc3339_millis(), "2000-01-01T00:00:00.000Z");
+        assert_eq!(
+            PgTimestamp(0).to_rfc3339_millis(),
+            "2000-01-01T00:00:00.000Z"
+        );
         // 2025-01-01T12:00:00.123456Z
         let unix_us: i64 = 1_735_732_800_123_456;
         let ts = PgTimestamp(unix_us - PG_EPOCH_UNIX_SECS * 1_000_000);
         assert_eq!(ts.to_rfc3339_millis(), "2025-01-01T12:00:00.123Z");
-        assert_eq!(PgTimestamp(-1).to_rfc3339_millis(), "1999-12-31T23:59:59.999Z");
+        assert_eq!(
+            PgTimestamp(-1).to_rfc3339_millis(),
+            "1999-12-31T23:59:59.999Z"
+        );
     }
 }

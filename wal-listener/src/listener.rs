@@ -1,0 +1,580 @@
+//! The listener: slot and publication checks, the replication loop, delivery, acknowledgements, lag.
+//!
+//! # Delivery and acknowledgement rules
+//!
+//! - Transactions go to the consumer whole, in commit order, through a bounded channel. When it is full
+//!   the listener stops reading the socket (Postgres keeps the WAL); nothing is dropped. While blocked it
+//!   still sends status updates, so the walsender does not time it out.
+//! - The consumer calls [`AckHandle::ack`] with a transaction's `commit_lsn` once it has handed the
+//!   transaction on. Acks are cumulative: acking a commit LSN acknowledges every transaction before it.
+//! - The flush position reported to Postgres is the `end_lsn` of the newest acknowledged transaction,
+//!   never more, and it never goes backwards. (The commit record's *end* is reported because logical
+//!   decoding skips a transaction on restart only if its commit LSN is below the confirmed position.)
+//! - When every delivered transaction is acknowledged and none is being received, the flush position
+//!   may move up to the position of the last keepalive: WAL before it holds nothing for us, and
+//!   confirming it lets Postgres recycle WAL on a quiet database.
+//! - Status updates go out every [`crate::ListenerConfig::status_interval`], at once when a keepalive asks
+//!   for a reply, and once more on shutdown.
+//! - After any restart — this process, Postgres, or the connection — streaming starts at the slot's
+//!   confirmed position (`START_REPLICATION ... 0/0`). Unacknowledged transactions arrive again with
+//!   the same `commit_lsn`; a consumer that remembers the last LSN it handled can drop them.
+//! - Non-transactional logical messages are delivered as one-change transactions with `xid` 0 and
+//!   `commit_lsn` = `end_lsn` = the message's LSN.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, BytesMut};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::Error;
+use crate::catalog::{self, PgType};
+use crate::change::{Change, Column, Relation, Transaction};
+use crate::config::ListenerConfig;
+use crate::lsn::Lsn;
+use crate::pgoutput::{self, PgOutputMessage, PgTimestamp};
+use crate::replication::{self, ReplicationConn};
+
+/// State shared between the listener task, ack handles and lag handles.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Highest commit LSN the consumer acknowledged.
+    acked: AtomicU64,
+    /// Flush position last reported to Postgres.
+    flushed: AtomicU64,
+    /// Highest WAL position known on the server (keepalives, periodic `pg_current_wal_lsn()`).
+    server_lsn: AtomicU64,
+    /// Commit time (µs since 2000) of the oldest delivered, unacknowledged transaction; `i64::MIN` if none.
+    oldest_unacked: AtomicI64,
+}
+
+/// Acknowledges transactions; cheap to clone and safe to call from any task.
+#[derive(Debug, Clone)]
+pub struct AckHandle(Arc<Shared>);
+
+impl AckHandle {
+    /// Acknowledges every delivered transaction with `commit_lsn` at or below this one. Going
+    /// backwards is ignored.
+    pub fn ack(&self, commit_lsn: Lsn) {
+        self.0.acked.fetch_max(commit_lsn.0, Ordering::AcqRel);
+    }
+
+    /// The highest acknowledged commit LSN.
+    pub fn acked(&self) -> Lsn {
+        Lsn(self.0.acked.load(Ordering::Acquire))
+    }
+}
+
+/// How far behind the consumer is, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Lag {
+    /// Server WAL position minus the flush position confirmed to Postgres.
+    pub bytes: u64,
+    /// Age of the oldest delivered but unacknowledged transaction's commit; 0 when none.
+    pub seconds: f64,
+    /// Flush position confirmed to Postgres.
+    pub flushed: Lsn,
+    /// Newest server WAL position seen.
+    pub server: Lsn,
+}
+
+/// Reads [`Lag`]; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LagHandle(Arc<Shared>);
+
+impl LagHandle {
+    pub fn lag(&self) -> Lag {
+        let flushed = self.0.flushed.load(Ordering::Acquire);
+        let server = self.0.server_lsn.load(Ordering::Acquire);
+        let oldest = self.0.oldest_unacked.load(Ordering::Acquire);
+        let seconds = if oldest == i64::MIN {
+            0.0
+        } else {
+            (PgTimestamp::now().0 - oldest).max(0) as f64 / 1e6
+        };
+        Lag {
+            bytes: server.saturating_sub(flushed),
+            seconds,
+            flushed: Lsn(flushed),
+            server: Lsn(server),
+        }
+    }
+}
+
+/// A durable logical-replication listener. See the module docs for the delivery contract.
+pub struct Listener {
+    config: ListenerConfig,
+    out: mpsc::Sender<Transaction>,
+    shared: Arc<Shared>,
+    types: HashMap<u32, Arc<PgType>>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("slot", &self.config.slot)
+            .field("publication", &self.config.publication)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a streaming session ended without an error.
+enum SessionEnd {
+    Shutdown,
+}
+
+impl Listener {
+    /// Creates a listener and the receiving end of its transaction queue. Nothing connects until
+    /// [`Listener::run`].
+    pub fn new(config: ListenerConfig) -> (Listener, mpsc::Receiver<Transaction>) {
+        let (out, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let shared = Arc::new(Shared {
+            oldest_unacked: AtomicI64::new(i64::MIN),
+            ..Shared::default()
+        });
+        (
+            Listener {
+                config,
+                out,
+                shared,
+                types: HashMap::new(),
+            },
+            rx,
+        )
+    }
+
+    pub fn ack_handle(&self) -> AckHandle {
+        AckHandle(self.shared.clone())
+    }
+
+    pub fn lag_handle(&self) -> LagHandle {
+        LagHandle(self.shared.clone())
+    }
+
+    /// Streams until `shutdown` is cancelled (returns `Ok`) or a non-retryable error occurs.
+    /// Retryable errors (connection lost, server restart, slot busy) reconnect with backoff.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), Error> {
+        let mut backoff = self.config.backoff_initial;
+        let mut busy_since: Option<Instant> = None;
+        loop {
+            let mut streamed = false;
+            let result = self.session(&shutdown, &mut streamed).await;
+            match result {
+                Ok(SessionEnd::Shutdown) => return Ok(()),
+                Err(Error::ConsumerGone) if shutdown.is_cancelled() => return Ok(()),
+                Err(e) if e.is_retryable() => {
+                    if streamed {
+                        backoff = self.config.backoff_initial;
+                    }
+                    if let Error::SlotActive { .. } = e {
+                        let since = *busy_since.get_or_insert_with(Instant::now);
+                        if let Some(limit) = self.config.slot_busy_timeout
+                            && since.elapsed() >= limit
+                        {
+                            return Err(e);
+                        }
+                        info!(slot = %self.config.slot, error = %e, retry_in = ?backoff, "slot busy, waiting");
+                    } else {
+                        busy_since = None;
+                        warn!(slot = %self.config.slot, error = %e, retry_in = ?backoff, "replication interrupted, reconnecting");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(self.config.backoff_max);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        shutdown: &CancellationToken,
+        streamed: &mut bool,
+    ) -> Result<SessionEnd, Error> {
+        let cfg = self.config.clone();
+        let (slot, publication, user) = (&cfg.slot, &cfg.publication, &cfg.connect.user);
+        let map_err = |e: Error| match e {
+            Error::Server(s) => Error::from_server(s, slot, publication, user),
+            other => other,
+        };
+        let admin = catalog::connect(&cfg.connect).await.map_err(map_err)?;
+        let state = catalog::preflight(&admin, user, slot, publication).await?;
+        let mut conn = ReplicationConn::connect(&cfg.connect)
+            .await
+            .map_err(map_err)?;
+        if state.is_none() {
+            let sql = format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT",
+                replication::quote_ident(slot)
+            );
+            match conn.simple_query(&sql).await {
+                Ok(_) => info!(slot = %slot, "created replication slot"),
+                // Created concurrently by someone else: use it.
+                Err(Error::Server(e)) if e.code == "42710" => {}
+                Err(e) => return Err(map_err(e)),
+            }
+        }
+        let mut options = format!(
+            "proto_version '1', publication_names {}",
+            replication::quote_literal(&replication::quote_ident(publication))
+        );
+        if cfg.messages {
+            options.push_str(", messages 'true'");
+        }
+        let sql = format!(
+            "START_REPLICATION SLOT {} LOGICAL 0/0 ({options})",
+            replication::quote_ident(slot)
+        );
+        conn.start_replication(&sql).await.map_err(map_err)?;
+        *streamed = true;
+        info!(slot = %slot, publication = %publication, "streaming");
+
+        // Keep the server's WAL position fresh for the lag metric.
+        let admin = Arc::new(admin);
+        let poller = tokio::spawn(poll_server_lsn(admin.clone(), self.shared.clone()));
+        let result = self
+            .stream(&mut conn, &admin, shutdown)
+            .await
+            .map_err(map_err);
+        poller.abort();
+        if matches!(result, Ok(SessionEnd::Shutdown)) {
+            conn.close().await;
+        }
+        result
+    }
+
+    async fn stream(
+        &mut self,
+        conn: &mut ReplicationConn,
+        admin: &tokio_postgres::Client,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, Error> {
+        let mut st = StreamState {
+            relations: HashMap::new(),
+            current: None,
+            inflight: VecDeque::new(),
+            received: Lsn(self.shared.flushed.load(Ordering::Acquire)),
+            keepalive_pos: Lsn::ZERO,
+        };
+        let mut tick = tokio::time::interval(self.config.status_interval);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.send_status(conn, &mut st, false).await?;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                _ = tick.tick() => {
+                    self.send_status(conn, &mut st, false).await?;
+                    continue;
+                }
+                frame = conn.read_frame() => frame?,
+            };
+            match frame.tag {
+                b'd' => {
+                    let mut body = frame.body;
+                    match body.first() {
+                        Some(b'w') if body.len() >= 25 => {
+                            body.advance(1);
+                            let start = Lsn(body.get_u64());
+                            let _wal_end = body.get_u64();
+                            let _send_time = body.get_i64();
+                            st.received = st.received.max(start);
+                            let msg = pgoutput::decode(body)?;
+                            if let Some(tx) = self.apply(&mut st, admin, msg).await?
+                                && let Some(end) =
+                                    self.deliver(conn, &mut st, tx, shutdown, &mut tick).await?
+                            {
+                                return Ok(end);
+                            }
+                        }
+                        Some(b'k') if body.len() >= 18 => {
+                            body.advance(1);
+                            let wal_end = Lsn(body.get_u64());
+                            let _send_time = body.get_i64();
+                            let reply = body.get_u8() != 0;
+                            st.received = st.received.max(wal_end);
+                            st.keepalive_pos = st.keepalive_pos.max(wal_end);
+                            self.shared
+                                .server_lsn
+                                .fetch_max(wal_end.0, Ordering::AcqRel);
+                            if reply {
+                                self.send_status(conn, &mut st, false).await?;
+                            }
+                        }
+                        _ => {
+                            return Err(Error::Protocol(format!(
+                                "malformed CopyData of {} bytes",
+                                body.len()
+                            )));
+                        }
+                    }
+                }
+                b'E' => return Err(Error::Server(replication::parse_error(&frame.body))),
+                b'c' => return Err(Error::StreamEnded),
+                b'N' => {
+                    let n = replication::parse_error(&frame.body);
+                    debug!(code = %n.code, message = %n.message, "server notice");
+                }
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected message {:?} while streaming",
+                        other as char
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Folds one pgoutput message into the current transaction; returns a finished transaction.
+    async fn apply(
+        &mut self,
+        st: &mut StreamState,
+        admin: &tokio_postgres::Client,
+        msg: PgOutputMessage,
+    ) -> Result<Option<Transaction>, Error> {
+        let relation = |st: &StreamState, id: u32| {
+            st.relations
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| Error::Protocol(format!("change for unknown relation {id}")))
+        };
+        fn current(st: &mut StreamState) -> Result<&mut Vec<Change>, Error> {
+            st.current
+                .as_mut()
+                .map(|t| &mut t.changes)
+                .ok_or_else(|| Error::Protocol("change outside a transaction".into()))
+        }
+        match msg {
+            PgOutputMessage::Begin(b) => {
+                if st.current.is_some() {
+                    return Err(Error::Protocol("BEGIN inside a transaction".into()));
+                }
+                st.current = Some(Transaction {
+                    xid: b.xid,
+                    commit_lsn: b.final_lsn,
+                    end_lsn: b.final_lsn,
+                    commit_time: b.commit_time,
+                    origin: None,
+                    changes: Vec::new(),
+                });
+            }
+            PgOutputMessage::Commit(c) => {
+                let mut tx = st
+                    .current
+                    .take()
+                    .ok_or_else(|| Error::Protocol("COMMIT outside a transaction".into()))?;
+                tx.commit_lsn = c.commit_lsn;
+                tx.end_lsn = c.end_lsn;
+                tx.commit_time = c.commit_time;
+                return Ok(Some(tx));
+            }
+            PgOutputMessage::Origin(o) => {
+                if let Some(tx) = st.current.as_mut() {
+                    tx.origin = Some(o.name);
+                }
+            }
+            PgOutputMessage::Relation(r) => {
+                let oids: Vec<u32> = r.columns.iter().map(|c| c.type_oid).collect();
+                catalog::resolve_types(admin, &mut self.types, &oids).await?;
+                let columns = r
+                    .columns
+                    .into_iter()
+                    .map(|c| Column {
+                        pg_type: self.types.get(&c.type_oid).cloned().unwrap_or_else(|| {
+                            Arc::new(PgType {
+                                oid: c.type_oid,
+                                name: c.type_oid.to_string(),
+                                kind: crate::value::ValueKind::Text,
+                            })
+                        }),
+                        name: c.name,
+                        is_key: c.is_key,
+                        type_oid: c.type_oid,
+                        type_modifier: c.type_modifier,
+                    })
+                    .collect();
+                st.relations.insert(
+                    r.id,
+                    Arc::new(Relation {
+                        id: r.id,
+                        schema: r.namespace,
+                        table: r.name,
+                        replica_identity: r.replica_identity,
+                        columns,
+                    }),
+                );
+            }
+            // Types are resolved from the catalog when a relation uses them.
+            PgOutputMessage::Type(_) => {}
+            PgOutputMessage::Insert(i) => {
+                let relation = relation(st, i.relation_id)?;
+                current(st)?.push(Change::Insert {
+                    relation,
+                    new: i.new,
+                });
+            }
+            PgOutputMessage::Update(u) => {
+                let relation = relation(st, u.relation_id)?;
+                current(st)?.push(Change::Update {
+                    relation,
+                    old: u.old,
+                    new: u.new,
+                });
+            }
+            PgOutputMessage::Delete(d) => {
+                let relation = relation(st, d.relation_id)?;
+                current(st)?.push(Change::Delete {
+                    relation,
+                    old: d.old,
+                });
+            }
+            PgOutputMessage::Truncate(t) => {
+                let relations = t
+                    .relation_ids
+                    .iter()
+                    .map(|id| relation(st, *id))
+                    .collect::<Result<Vec<_>, _>>()?;
+                current(st)?.push(Change::Truncate {
+                    relations,
+                    cascade: t.cascade,
+                    restart_identity: t.restart_identity,
+                });
+            }
+            PgOutputMessage::Message(m) => {
+                let change = Change::Message {
+                    transactional: m.transactional,
+                    prefix: m.prefix,
+                    content: m.content,
+                };
+                match st.current.as_mut() {
+                    Some(tx) if m.transactional => tx.changes.push(change),
+                    _ => {
+                        return Ok(Some(Transaction {
+                            xid: 0,
+                            commit_lsn: m.lsn,
+                            end_lsn: m.lsn,
+                            commit_time: PgTimestamp::now(),
+                            origin: None,
+                            changes: vec![change],
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Hands a transaction to the consumer, waiting for room; keeps status updates flowing meanwhile.
+    async fn deliver(
+        &mut self,
+        conn: &mut ReplicationConn,
+        st: &mut StreamState,
+        tx: Transaction,
+        shutdown: &CancellationToken,
+        tick: &mut tokio::time::Interval,
+    ) -> Result<Option<SessionEnd>, Error> {
+        let permit = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.send_status(conn, st, false).await?;
+                    return Ok(Some(SessionEnd::Shutdown));
+                }
+                permit = self.out.reserve() => break permit.map_err(|_| Error::ConsumerGone)?,
+                _ = tick.tick() => self.send_status(conn, st, false).await?,
+            }
+        };
+        if st.inflight.is_empty() {
+            self.shared
+                .oldest_unacked
+                .store(tx.commit_time.0, Ordering::Release);
+        }
+        st.inflight
+            .push_back((tx.commit_lsn, tx.end_lsn, tx.commit_time));
+        st.received = st.received.max(tx.end_lsn);
+        permit.send(tx);
+        Ok(None)
+    }
+
+    /// Moves the flush position as far as the acknowledgements allow and sends a status update.
+    async fn send_status(
+        &self,
+        conn: &mut ReplicationConn,
+        st: &mut StreamState,
+        reply: bool,
+    ) -> Result<(), Error> {
+        let acked = Lsn(self.shared.acked.load(Ordering::Acquire));
+        let mut flush = Lsn(self.shared.flushed.load(Ordering::Acquire));
+        while let Some(&(commit, end, _)) = st.inflight.front() {
+            if commit > acked {
+                break;
+            }
+            flush = flush.max(end);
+            st.inflight.pop_front();
+        }
+        match st.inflight.front() {
+            Some(&(_, _, time)) => self.shared.oldest_unacked.store(time.0, Ordering::Release),
+            None => {
+                self.shared
+                    .oldest_unacked
+                    .store(i64::MIN, Ordering::Release);
+                if st.current.is_none() {
+                    flush = flush.max(st.keepalive_pos);
+                }
+            }
+        }
+        self.shared.flushed.fetch_max(flush.0, Ordering::AcqRel);
+        let flush = Lsn(self.shared.flushed.load(Ordering::Acquire));
+        let write = st.received.max(flush);
+        let mut buf = BytesMut::with_capacity(34);
+        buf.put_u8(b'r');
+        buf.put_u64(write.0);
+        buf.put_u64(flush.0);
+        buf.put_u64(flush.0);
+        buf.put_i64(PgTimestamp::now().0);
+        buf.put_u8(u8::from(reply));
+        conn.queue_copy_data(&buf);
+        conn.flush().await?;
+        debug!(slot = %self.config.slot, %write, %flush, "status update");
+        Ok(())
+    }
+}
+
+struct StreamState {
+    relations: HashMap<u32, Arc<Relation>>,
+    current: Option<Transaction>,
+    /// Delivered, unacknowledged transactions: (commit LSN, end LSN, commit time), in commit order.
+    inflight: VecDeque<(Lsn, Lsn, PgTimestamp)>,
+    /// Highest WAL position received.
+    received: Lsn,
+    /// Position of the last keepalive.
+    keepalive_pos: Lsn,
+}
+
+async fn poll_server_lsn(admin: Arc<tokio_postgres::Client>, shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        match admin
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+        {
+            Ok(row) => {
+                if let Ok(lsn) = row.get::<_, String>(0).parse::<Lsn>() {
+                    shared.server_lsn.fetch_max(lsn.0, Ordering::AcqRel);
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
