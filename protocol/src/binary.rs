@@ -51,7 +51,9 @@ pub struct BinaryPush {
 
 /// Decodes a binary frame a client sent. Only kind 3 is meaningful from a client.
 pub fn decode(frame: &Bytes) -> Result<BinaryPush, DecodeError> {
-    let header = frame.get(..7).ok_or(DecodeError::Binary("frame shorter than its header"))?;
+    let header = frame
+        .get(..7)
+        .ok_or(DecodeError::Binary("frame shorter than its header"))?;
     if header[0] != KIND_USER_BROADCAST_PUSH {
         return Err(DecodeError::Binary("unsupported binary frame kind"));
     }
@@ -84,8 +86,7 @@ pub fn decode(frame: &Bytes) -> Result<BinaryPush, DecodeError> {
     if !metadata.is_empty() && serde_json::from_slice::<&RawValue>(&metadata).is_err() {
         return Err(DecodeError::Binary("metadata is not json"));
     }
-    if encoding == PayloadEncoding::Json && serde_json::from_slice::<&RawValue>(&payload).is_err()
-    {
+    if encoding == PayloadEncoding::Json && serde_json::from_slice::<&RawValue>(&payload).is_err() {
         return Err(DecodeError::Binary("json payload is not valid json"));
     }
     Ok(BinaryPush {
@@ -124,7 +125,13 @@ pub fn encode_user_broadcast(
     let meta_len = len(metadata, "metadata")?;
     let mut out =
         BytesMut::with_capacity(5 + topic.len() + event.len() + metadata.len() + payload.len());
-    out.put_slice(&[KIND_USER_BROADCAST, topic_len, event_len, meta_len, encoding.byte()]);
+    out.put_slice(&[
+        KIND_USER_BROADCAST,
+        topic_len,
+        event_len,
+        meta_len,
+        encoding.byte(),
+    ]);
     out.put_slice(topic.as_bytes());
     out.put_slice(event.as_bytes());
     out.put_slice(metadata);
@@ -163,11 +170,17 @@ pub fn encode_push(push: &BinaryPush) -> Result<Bytes, EncodeError> {
 
 /// Decodes a kind-4 frame (what realtime-js does with it; for tests and load generators).
 pub fn decode_user_broadcast(frame: &[u8]) -> Result<UserBroadcast<'_>, DecodeError> {
-    let header = frame.get(..5).ok_or(DecodeError::Binary("frame shorter than its header"))?;
+    let header = frame
+        .get(..5)
+        .ok_or(DecodeError::Binary("frame shorter than its header"))?;
     if header[0] != KIND_USER_BROADCAST {
         return Err(DecodeError::Binary("not a kind-4 frame"));
     }
-    let (t, e, m) = (usize::from(header[1]), usize::from(header[2]), usize::from(header[3]));
+    let (t, e, m) = (
+        usize::from(header[1]),
+        usize::from(header[2]),
+        usize::from(header[3]),
+    );
     let encoding = match header[4] {
         0 => PayloadEncoding::Binary,
         1 => PayloadEncoding::Json,
@@ -202,7 +215,10 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     #[test]

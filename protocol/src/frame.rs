@@ -185,8 +185,14 @@ fn decode_v1(text: &str) -> Result<Inbound, DecodeError> {
     }
     let frame: V1In<'_> =
         serde_json::from_str(text).map_err(|e| DecodeError::Json(e.to_string()))?;
-    let topic = string_field(frame.topic.ok_or(DecodeError::MissingField("topic"))?, "topic")?;
-    let event = string_field(frame.event.ok_or(DecodeError::MissingField("event"))?, "event")?;
+    let topic = string_field(
+        frame.topic.ok_or(DecodeError::MissingField("topic"))?,
+        "topic",
+    )?;
+    let event = string_field(
+        frame.event.ok_or(DecodeError::MissingField("event"))?,
+        "event",
+    )?;
     let payload = frame.payload.ok_or(DecodeError::MissingField("payload"))?;
     let msg_ref = frame.msg_ref.ok_or(DecodeError::MissingField("ref"))?;
     Ok(Inbound {
@@ -289,7 +295,17 @@ mod tests {
         assert_eq!(Vsn::from_query(Some("1.0.0")), Some(Vsn::V1));
         assert_eq!(Vsn::from_query(Some("1.0.7")), Some(Vsn::V1));
         assert_eq!(Vsn::from_query(Some("2.0.0")), Some(Vsn::V2));
-        for bad in ["", "1.1.0", "3.0.0", "2.0", "2", "x", "2.0.0.0", "2.0.0-rc1", "1.-1.0"] {
+        for bad in [
+            "",
+            "1.1.0",
+            "3.0.0",
+            "2.0",
+            "2",
+            "x",
+            "2.0.0.0",
+            "2.0.0-rc1",
+            "1.-1.0",
+        ] {
             assert_eq!(Vsn::from_query(Some(bad)), None, "{bad}");
         }
     }
@@ -319,13 +335,19 @@ mod tests {
         let ok = r#"{"topic":"t","event":"e","payload":{},"ref":null}"#;
         assert!(Vsn::V1.decode(ok).unwrap().msg_ref.is_none());
         let missing = r#"{"topic":"t","event":"e","payload":{}}"#;
-        assert_eq!(Vsn::V1.decode(missing).unwrap_err(), DecodeError::MissingField("ref"));
+        assert_eq!(
+            Vsn::V1.decode(missing).unwrap_err(),
+            DecodeError::MissingField("ref")
+        );
     }
 
     #[test]
     fn malformed_frames_are_errors() {
         assert_eq!(Vsn::V2.decode("{}").unwrap_err(), DecodeError::NotAnArray);
-        assert_eq!(Vsn::V2.decode("[1,2]").unwrap_err(), DecodeError::TooShort(2));
+        assert_eq!(
+            Vsn::V2.decode("[1,2]").unwrap_err(),
+            DecodeError::TooShort(2)
+        );
         assert_eq!(
             Vsn::V2.decode(r#"[null,null,1,"e",{}]"#).unwrap_err(),
             DecodeError::FieldType("topic")
@@ -337,7 +359,9 @@ mod tests {
 
     #[test]
     fn v2_extra_elements_are_ignored() {
-        let m = Vsn::V2.decode(r#"[null,"1","phoenix","heartbeat",{},"extra"]"#).unwrap();
+        let m = Vsn::V2
+            .decode(r#"[null,"1","phoenix","heartbeat",{},"extra"]"#)
+            .unwrap();
         assert_eq!(m.event, "heartbeat");
     }
 
@@ -345,7 +369,13 @@ mod tests {
     fn encode_shapes() {
         let r = Ref::from_string("10");
         assert_eq!(
-            Vsn::V2.encode(None, Some(&r), "phoenix", "phx_reply", r#"{"status":"ok","response":{}}"#),
+            Vsn::V2.encode(
+                None,
+                Some(&r),
+                "phoenix",
+                "phx_reply",
+                r#"{"status":"ok","response":{}}"#
+            ),
             r#"[null,"10","phoenix","phx_reply",{"status":"ok","response":{}}]"#
         );
         assert_eq!(

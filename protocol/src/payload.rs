@@ -147,8 +147,10 @@ impl JoinPayload {
                             continue;
                         }
                         let value = serde_json::from_str(entry.get()).unwrap_or(Value::Null);
-                        out.postgres_changes
-                            .push(PostgresChangesEntry { raw: entry.to_owned(), value });
+                        out.postgres_changes.push(PostgresChangesEntry {
+                            raw: entry.to_owned(),
+                            value,
+                        });
                     }
                 }
                 Err(_) if raw.get() == "null" => {}
@@ -183,7 +185,9 @@ pub fn parse_access_token(payload: &RawValue) -> Option<String> {
         access_token: Option<Value>,
     }
     match object::<AccessToken>(payload.get()) {
-        Ok(AccessToken { access_token: Some(Value::String(s)) }) => Some(s),
+        Ok(AccessToken {
+            access_token: Some(Value::String(s)),
+        }) => Some(s),
         _ => None,
     }
 }
@@ -196,6 +200,8 @@ pub enum PresencePush {
     Untrack,
     /// Any other `event`: answered with an error reply.
     Unknown,
+    /// No `event` at all: answered ok, nothing happens.
+    NoEvent,
 }
 
 impl PresencePush {
@@ -215,6 +221,7 @@ impl PresencePush {
                 PresencePush::Track(push.payload)
             }
             Some(Value::String(e)) if e.eq_ignore_ascii_case("untrack") => PresencePush::Untrack,
+            None => PresencePush::NoEvent,
             _ => PresencePush::Unknown,
         }
     }
@@ -242,7 +249,11 @@ pub fn reply_error_reason(reason: &str) -> String {
 pub fn system(extension: &str, ok: bool, message: &str, channel: Option<&str>) -> String {
     let mut out = String::from("{\"extension\":");
     push_json_str(&mut out, extension);
-    out.push_str(if ok { ",\"status\":\"ok\"" } else { ",\"status\":\"error\"" });
+    out.push_str(if ok {
+        ",\"status\":\"ok\""
+    } else {
+        ",\"status\":\"error\""
+    });
     out.push_str(",\"message\":");
     push_json_str(&mut out, message);
     if let Some(channel) = channel {
@@ -317,7 +328,12 @@ mod tests {
 
     #[test]
     fn invalid_shapes_fall_back_to_defaults() {
-        for text in [r#"[]"#, r#""x""#, r#"{"config":5}"#, r#"{"config":{"postgres_changes":3}}"#] {
+        for text in [
+            r#"[]"#,
+            r#""x""#,
+            r#"{"config":5}"#,
+            r#"{"config":{"postgres_changes":3}}"#,
+        ] {
             let p = JoinPayload::parse(&raw(text));
             assert!(p.invalid, "{text}");
             assert!(!p.broadcast.ack);
@@ -329,17 +345,32 @@ mod tests {
     #[test]
     fn presence_pushes() {
         assert_eq!(
-            PresencePush::parse(&raw(r#"{"type":"presence","event":"TRACK","payload":{"a":1}}"#)),
+            PresencePush::parse(&raw(
+                r#"{"type":"presence","event":"TRACK","payload":{"a":1}}"#
+            )),
             PresencePush::Track(Some(serde_json::json!({"a":1})))
         );
-        assert_eq!(PresencePush::parse(&raw(r#"{"event":"untrack"}"#)), PresencePush::Untrack);
-        assert_eq!(PresencePush::parse(&raw(r#"{"event":"x"}"#)), PresencePush::Unknown);
+        assert_eq!(
+            PresencePush::parse(&raw(r#"{"event":"untrack"}"#)),
+            PresencePush::Untrack
+        );
+        assert_eq!(
+            PresencePush::parse(&raw(r#"{"event":"x"}"#)),
+            PresencePush::Unknown
+        );
+        assert_eq!(
+            PresencePush::parse(&raw(r#"{"type":"presence"}"#)),
+            PresencePush::NoEvent
+        );
         assert_eq!(PresencePush::parse(&raw(r#"7"#)), PresencePush::Unknown);
     }
 
     #[test]
     fn access_token_payloads() {
-        assert_eq!(parse_access_token(&raw(r#"{"access_token":"t"}"#)).as_deref(), Some("t"));
+        assert_eq!(
+            parse_access_token(&raw(r#"{"access_token":"t"}"#)).as_deref(),
+            Some("t")
+        );
         assert_eq!(parse_access_token(&raw(r#"{"access_token":null}"#)), None);
         assert_eq!(parse_access_token(&raw(r#"[]"#)), None);
     }
@@ -352,7 +383,12 @@ mod tests {
             r#"{"status":"error","response":{"reason":"unmatched topic"}}"#
         );
         assert_eq!(
-            system("system", false, "Token has expired 3 seconds ago", Some("room1")),
+            system(
+                "system",
+                false,
+                "Token has expired 3 seconds ago",
+                Some("room1")
+            ),
             r#"{"extension":"system","status":"error","message":"Token has expired 3 seconds ago","channel":"room1"}"#
         );
         assert_eq!(

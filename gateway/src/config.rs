@@ -1,0 +1,183 @@
+//! The gateway's configuration: one typed struct, read once from flags and environment, passed
+//! explicitly. Environment names follow Supabase Realtime's self-hosting names where one exists.
+
+use clap::Parser;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// A secret that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: String) -> Secret {
+        Secret(value)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+/// Output format of the logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Command-line flags and environment.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "realtime-gateway",
+    version,
+    about = "A Supabase Realtime compatible gateway"
+)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "HOST", default_value = "0.0.0.0")]
+    pub host: IpAddr,
+
+    /// Port to listen on.
+    #[arg(long, env = "PORT", default_value_t = 4000)]
+    pub port: u16,
+
+    /// Secret of HS256/384/512 tokens (the project's JWT secret). Also read from `JWT_SECRET`.
+    /// Without one, a random secret is generated and development keys are printed.
+    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<Secret>,
+
+    /// Delay before a refused WebSocket upgrade is answered, in ms.
+    #[arg(long, env = "CONNECT_ERROR_BACKOFF_MS", default_value_t = 2000)]
+    pub connect_error_backoff_ms: u64,
+
+    /// Delay before a join error reply, in ms.
+    #[arg(long, env = "CHANNEL_ERROR_BACKOFF_MS", default_value_t = 5000)]
+    pub channel_error_backoff_ms: u64,
+
+    /// A socket that sent nothing for this long is closed, in ms.
+    #[arg(long, env = "WEBSOCKET_IDLE_TIMEOUT_MS", default_value_t = 60_000)]
+    pub websocket_idle_timeout_ms: u64,
+
+    /// Largest broadcast or presence payload, in KB (the reference's `max_payload_size_in_kb`).
+    #[arg(long, env = "MAX_PAYLOAD_SIZE_IN_KB", default_value_t = 3000)]
+    pub max_payload_size_in_kb: u64,
+
+    /// Channels one socket may join (the reference's `max_channels_per_client`).
+    #[arg(long, env = "MAX_CHANNELS_PER_CLIENT", default_value_t = 100)]
+    pub max_channels_per_client: usize,
+
+    /// Track/untrack pushes one channel may make per window (the reference's
+    /// `max_client_presence_events_per_window`).
+    #[arg(long, env = "CLIENT_PRESENCE_MAX_CALLS", default_value_t = 5)]
+    pub client_presence_max_calls: u32,
+
+    /// The presence rate window, in ms.
+    #[arg(long, env = "CLIENT_PRESENCE_WINDOW_MS", default_value_t = 30_000)]
+    pub client_presence_window_ms: u64,
+
+    /// Push `presence_state` after every join, also to clients that do not ask for presence
+    /// (the reference's tenant flag `presence_enabled`; realtime-js 2.11 never asks).
+    #[arg(long, env = "PRESENCE_ENABLED", default_value_t = false)]
+    pub presence_enabled: bool,
+
+    /// Largest WebSocket frame accepted from a client, in bytes.
+    #[arg(long, env = "MAX_FRAME_SIZE", default_value_t = 5_000_000)]
+    pub max_frame_size: usize,
+
+    /// Frames a socket's outbox holds before the socket is closed as a slow consumer.
+    #[arg(long, env = "OUTBOX_MAX_FRAMES", default_value_t = 4096)]
+    pub outbox_max_frames: usize,
+
+    /// Bytes a socket's outbox holds before the socket is closed as a slow consumer.
+    #[arg(long, env = "OUTBOX_MAX_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub outbox_max_bytes: usize,
+
+    /// How long shutdown waits for sockets to close, in ms.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
+    pub shutdown_timeout_ms: u64,
+
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Reads flags and environment; `JWT_SECRET` stands in for `API_JWT_SECRET`.
+    pub fn from_env_and_args() -> Config {
+        let mut config = Config::parse();
+        if config.jwt_secret.is_none()
+            && let Ok(secret) = std::env::var("JWT_SECRET")
+            && !secret.is_empty()
+        {
+            config.jwt_secret = Some(Secret(secret));
+        }
+        config
+    }
+
+    /// A configuration for tests: loopback, port 0, short delays.
+    pub fn for_tests(secret: &str) -> Config {
+        let mut config = Config::parse_from(["realtime-gateway"]);
+        config.host = IpAddr::from([127, 0, 0, 1]);
+        config.port = 0;
+        config.jwt_secret = Some(Secret(secret.to_owned()));
+        config.connect_error_backoff_ms = 0;
+        config.channel_error_backoff_ms = 0;
+        config
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(secret) = &self.jwt_secret
+            && secret.expose().is_empty()
+        {
+            return Err("API_JWT_SECRET is set but empty".into());
+        }
+        if self.max_payload_size_in_kb == 0 {
+            return Err("MAX_PAYLOAD_SIZE_IN_KB must be at least 1".into());
+        }
+        if self.outbox_max_frames == 0 || self.outbox_max_bytes == 0 {
+            return Err("OUTBOX_MAX_FRAMES and OUTBOX_MAX_BYTES must be at least 1".into());
+        }
+        if self.websocket_idle_timeout_ms == 0 {
+            return Err("WEBSOCKET_IDLE_TIMEOUT_MS must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Largest payload in bytes: the reference's `kb × 1000 + 500`.
+    pub(crate) fn max_payload_bytes(&self) -> usize {
+        usize::try_from(
+            self.max_payload_size_in_kb
+                .saturating_mul(1000)
+                .saturating_add(500),
+        )
+        .unwrap_or(usize::MAX)
+    }
+
+    pub(crate) fn connect_error_backoff(&self) -> Duration {
+        Duration::from_millis(self.connect_error_backoff_ms)
+    }
+
+    pub(crate) fn channel_error_backoff(&self) -> Duration {
+        Duration::from_millis(self.channel_error_backoff_ms)
+    }
+
+    pub(crate) fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.websocket_idle_timeout_ms)
+    }
+}

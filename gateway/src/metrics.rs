@@ -1,0 +1,169 @@
+//! Counters and gauges, rendered in the Prometheus text format on `/metrics`.
+//!
+//! Plain atomics: incrementing one is a relaxed add, and rendering reads them once.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Why a socket closed, for `realtime_socket_closes_total{reason}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CloseKind {
+    Client,
+    IdleTimeout,
+    SlowConsumer,
+    Shutdown,
+    Error,
+}
+
+impl CloseKind {
+    const ALL: [CloseKind; 5] = [
+        CloseKind::Client,
+        CloseKind::IdleTimeout,
+        CloseKind::SlowConsumer,
+        CloseKind::Shutdown,
+        CloseKind::Error,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            CloseKind::Client => "client",
+            CloseKind::IdleTimeout => "idle_timeout",
+            CloseKind::SlowConsumer => "slow_consumer",
+            CloseKind::Shutdown => "shutdown",
+            CloseKind::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) connections: AtomicI64,
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) channels: AtomicI64,
+    pub(crate) joins_total: AtomicU64,
+    pub(crate) join_errors_total: AtomicU64,
+    pub(crate) messages_in: AtomicU64,
+    pub(crate) malformed_in: AtomicU64,
+    pub(crate) messages_out: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) broadcasts_total: AtomicU64,
+    pub(crate) rest_broadcasts_total: AtomicU64,
+    pub(crate) dropped_deliveries: AtomicU64,
+    closes: [AtomicU64; 5],
+}
+
+impl Metrics {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn gauge(gauge: &AtomicI64, delta: i64) {
+        gauge.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub(crate) fn closed(&self, kind: CloseKind) {
+        let i = CloseKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.closes[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::with_capacity(2048);
+        let mut gauge = |name: &str, help: &str, v: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        };
+        gauge(
+            "realtime_connections",
+            "Open WebSocket connections.",
+            load_i(&self.connections),
+        );
+        gauge(
+            "realtime_channels",
+            "Joined channels.",
+            load_i(&self.channels),
+        );
+        let counters: [(&str, &str, &AtomicU64); 11] = [
+            (
+                "realtime_connections_total",
+                "WebSocket connections accepted.",
+                &self.connections_total,
+            ),
+            (
+                "realtime_connections_refused_total",
+                "WebSocket upgrades refused.",
+                &self.connections_refused,
+            ),
+            (
+                "realtime_joins_total",
+                "Successful channel joins.",
+                &self.joins_total,
+            ),
+            (
+                "realtime_join_errors_total",
+                "Refused channel joins.",
+                &self.join_errors_total,
+            ),
+            (
+                "realtime_messages_in_total",
+                "Frames received from clients.",
+                &self.messages_in,
+            ),
+            (
+                "realtime_malformed_messages_total",
+                "Frames dropped as malformed.",
+                &self.malformed_in,
+            ),
+            (
+                "realtime_messages_out_total",
+                "Frames written to clients.",
+                &self.messages_out,
+            ),
+            (
+                "realtime_bytes_out_total",
+                "Bytes of frames written to clients.",
+                &self.bytes_out,
+            ),
+            (
+                "realtime_broadcasts_total",
+                "Broadcasts fanned out from sockets.",
+                &self.broadcasts_total,
+            ),
+            (
+                "realtime_rest_broadcasts_total",
+                "Broadcasts received over REST.",
+                &self.rest_broadcasts_total,
+            ),
+            (
+                "realtime_dropped_deliveries_total",
+                "Deliveries dropped because a socket did not drain.",
+                &self.dropped_deliveries,
+            ),
+        ];
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let name = "realtime_socket_closes_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Sockets closed, by reason.\n# TYPE {name} counter"
+        );
+        for (kind, v) in CloseKind::ALL.iter().zip(&self.closes) {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                kind.label(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+}
+
+fn load_i(v: &AtomicI64) -> i64 {
+    v.load(Ordering::Relaxed)
+}

@@ -1,0 +1,403 @@
+//! HTTP routes besides the WebSocket: REST broadcast, health, metrics.
+//!
+//! Every API route is served under `/api/...` and under the public `/realtime/v1/api/...`.
+//! realtime-js appends the socket's query string (`apikey`, `vsn`, …) to REST URLs and
+//! percent-encodes path segments; both are handled here.
+
+use crate::auth::Claims;
+use crate::metrics::Metrics;
+use crate::registry::{Outgoing, TopicKey};
+use crate::state::Shared;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, header};
+use realtime_protocol::binary::PayloadEncoding;
+use realtime_protocol::payload;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::sync::Arc;
+use tracing::debug;
+use warp::{Filter, Rejection, Reply};
+
+type Response = warp::reply::Response;
+
+/// Largest REST request body (a batch may carry many messages).
+const MAX_BATCH_BODY: u64 = 64 * 1024 * 1024;
+
+/// All HTTP routes that are not the WebSocket.
+pub(crate) fn routes(
+    shared: Arc<Shared>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static {
+    let with_shared = warp::any().map(move || shared.clone());
+    let api = warp::path("realtime")
+        .and(warp::path("v1"))
+        .or(warp::any())
+        .unify()
+        .and(warp::path("api"));
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+
+    let health = warp::path!("healthcheck")
+        .and(warp::get())
+        .map(|| "ok".into_response());
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(with_shared.clone())
+        .map(|shared: Arc<Shared>| {
+            let mut r = shared.metrics.render().into_response();
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        });
+    let ping = api
+        .and(warp::path!("ping"))
+        .and(warp::get())
+        .map(|| json_response(StatusCode::OK, &json!({"message": "Success"})));
+    let batch = api
+        .and(warp::path!("broadcast"))
+        .and(warp::post())
+        .and(warp::body::content_length_limit(MAX_BATCH_BODY))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::bytes())
+        .and(with_shared.clone())
+        .map(|headers: HeaderMap, body: Bytes, shared: Arc<Shared>| {
+            broadcast_batch(&shared, &headers, &body)
+        });
+    let single = api
+        .and(warp::path!("broadcast" / String / "events" / String))
+        .and(warp::post())
+        .and(warp::body::content_length_limit(MAX_BATCH_BODY))
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::bytes())
+        .and(with_shared)
+        .map(
+            |topic: String,
+             event: String,
+             query: String,
+             headers: HeaderMap,
+             body: Bytes,
+             shared: Arc<Shared>| {
+                broadcast_single(&shared, &topic, &event, &query, &headers, body)
+            },
+        );
+    let cors = warp::cors()
+        .allow_any_origin()
+        .allow_methods(["GET", "POST", "OPTIONS"])
+        .allow_headers([
+            "authorization",
+            "apikey",
+            "x-api-key",
+            "content-type",
+            "x-client-info",
+            "x-supabase-api-version",
+            "accept",
+            "prefer",
+        ])
+        .max_age(86_400);
+    health
+        .or(metrics)
+        .unify()
+        .or(ping)
+        .unify()
+        .or(batch)
+        .unify()
+        .or(single)
+        .unify()
+        .with(cors)
+        .map(Reply::into_response)
+        .recover(rejection)
+        .unify()
+}
+
+async fn rejection(rejection: Rejection) -> Result<Response, Infallible> {
+    let (status, message) = if rejection.is_not_found() {
+        (StatusCode::NOT_FOUND, "Not Found")
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (StatusCode::PAYLOAD_TOO_LARGE, "Payload Too Large")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed")
+    } else if rejection
+        .find::<warp::filters::cors::CorsForbidden>()
+        .is_some()
+    {
+        (StatusCode::FORBIDDEN, "CORS request forbidden")
+    } else {
+        debug!(?rejection, "request rejected");
+        (StatusCode::BAD_REQUEST, "Bad Request")
+    };
+    Ok(json_response(status, &json!({ "message": message })))
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+fn accepted() -> Response {
+    warp::reply::with_status(warp::reply(), StatusCode::ACCEPTED).into_response()
+}
+
+fn unauthorized() -> Response {
+    json_response(
+        StatusCode::UNAUTHORIZED,
+        &json!({"message": "Unauthorized"}),
+    )
+}
+
+/// REST callers authenticate with `Authorization: Bearer <jwt>` (preferred) or `apikey`.
+fn authenticate(shared: &Shared, headers: &HeaderMap) -> Option<Claims> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        });
+    let token = bearer.or_else(|| headers.get("apikey").and_then(|v| v.to_str().ok()))?;
+    shared.verifier.verify(token).ok()
+}
+
+/// `POST /api/broadcast`: `{"messages":[{topic, event, payload, private?, id?}]}`.
+fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
+    #[derive(Deserialize)]
+    struct Batch<'a> {
+        #[serde(borrow, default)]
+        messages: Option<Vec<&'a RawValue>>,
+    }
+    #[derive(Deserialize)]
+    struct Message<'a> {
+        #[serde(default)]
+        topic: Option<Value>,
+        #[serde(default)]
+        event: Option<Value>,
+        #[serde(borrow, default)]
+        payload: Option<&'a RawValue>,
+        #[serde(default)]
+        private: Option<Value>,
+        #[serde(default)]
+        id: Option<Value>,
+    }
+    struct Valid<'a> {
+        topic: String,
+        event: String,
+        payload: &'a str,
+        private: bool,
+        id: Option<String>,
+    }
+
+    if authenticate(shared, headers).is_none() {
+        return unauthorized();
+    }
+    let blank = || {
+        json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"errors": {"messages": ["can't be blank"]}}),
+        )
+    };
+    let Ok(Batch {
+        messages: Some(messages),
+    }) = serde_json::from_slice::<Batch<'_>>(body)
+    else {
+        return blank();
+    };
+    if messages.is_empty() {
+        return blank();
+    }
+    let max = shared.config.max_payload_bytes();
+    let mut valid = Vec::with_capacity(messages.len());
+    let mut errors = Vec::with_capacity(messages.len());
+    for raw in &messages {
+        let mut e = serde_json::Map::new();
+        let Ok(m) = serde_json::from_str::<Message<'_>>(raw.get())
+            .map_err(|_| ())
+            .and_then(|m| {
+                if raw.get().trim_start().starts_with('{') {
+                    Ok(m)
+                } else {
+                    Err(())
+                }
+            })
+        else {
+            errors.push(json!({"message": ["is invalid"]}));
+            continue;
+        };
+        let text = |v: &Option<Value>, name: &str, e: &mut serde_json::Map<String, Value>| match v {
+            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(Value::String(_)) | None | Some(Value::Null) => {
+                e.insert(name.into(), json!(["can't be blank"]));
+                None
+            }
+            Some(_) => {
+                e.insert(name.into(), json!(["is invalid"]));
+                None
+            }
+        };
+        let topic = text(&m.topic, "topic", &mut e);
+        let event = text(&m.event, "event", &mut e);
+        let payload = match m.payload {
+            None => {
+                e.insert("payload".into(), json!(["can't be blank"]));
+                None
+            }
+            Some(p) if !p.get().trim_start().starts_with('{') => {
+                e.insert("payload".into(), json!(["is invalid"]));
+                None
+            }
+            Some(p) if p.get().len() > max => {
+                e.insert(
+                    "payload".into(),
+                    json!(["Payload size exceeds tenant limit"]),
+                );
+                None
+            }
+            Some(p) => Some(p.get()),
+        };
+        let private = match &m.private {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(Value::String(s))
+                if s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("false") =>
+            {
+                s.eq_ignore_ascii_case("true")
+            }
+            Some(_) => {
+                e.insert("private".into(), json!(["is invalid"]));
+                false
+            }
+        };
+        let id = match &m.id {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) if uuid::Uuid::parse_str(s).is_ok() => Some(s.clone()),
+            Some(_) => {
+                e.insert("id".into(), json!(["is invalid"]));
+                None
+            }
+        };
+        match (topic, event, payload) {
+            (Some(topic), Some(event), Some(payload)) if e.is_empty() => {
+                valid.push(Valid {
+                    topic,
+                    event,
+                    payload,
+                    private,
+                    id,
+                });
+                errors.push(json!({}));
+            }
+            _ => errors.push(Value::Object(e)),
+        }
+    }
+    if valid.len() != messages.len() {
+        return json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"errors": {"messages": errors}}),
+        );
+    }
+    for m in valid {
+        Metrics::add(&shared.metrics.rest_broadcasts_total, 1);
+        if m.private {
+            debug!(topic = %m.topic, "private REST broadcast skipped: write permission cannot be checked without a database");
+            continue;
+        }
+        let key = TopicKey {
+            private: false,
+            topic: Arc::from(format!("realtime:{}", m.topic)),
+        };
+        let Some(topic) = shared.registry.get(&key) else {
+            continue;
+        };
+        let meta = m.id.map(|id| json!({ "id": id }).to_string());
+        let body = payload::user_broadcast_json(&m.event, m.payload, meta.as_deref());
+        let delivery = topic.publish(
+            &Outgoing::Push {
+                event: "broadcast",
+                payload: &body,
+            },
+            None,
+        );
+        Metrics::add(&shared.metrics.dropped_deliveries, delivery.dropped);
+    }
+    accepted()
+}
+
+/// `POST /api/broadcast/:topic/events/:event[?private=true]`: the body is the user payload,
+/// JSON or raw bytes, delivered as a user broadcast.
+fn broadcast_single(
+    shared: &Shared,
+    topic: &str,
+    event: &str,
+    query: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Response {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let (topic, event) = (decode(topic), decode(event));
+    let private = crate::http::query_param(Some(query), "private")
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let encoding = match mime.as_str() {
+        "application/json" | "" => PayloadEncoding::Json,
+        "application/octet-stream" => PayloadEncoding::Binary,
+        _ => {
+            return json_response(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                &json!({"error": "Unsupported Media Type. Use application/json or application/octet-stream"}),
+            );
+        }
+    };
+    if authenticate(shared, headers).is_none() {
+        return unauthorized();
+    }
+    let invalid = |field: &str, message: &str| {
+        json_response(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            &json!({"errors": { field: [message] }}),
+        )
+    };
+    if topic.trim().is_empty() {
+        return invalid("topic", "can't be blank");
+    }
+    if event.trim().is_empty() {
+        return invalid("event", "can't be blank");
+    }
+    if body.len() > shared.config.max_payload_bytes() {
+        return invalid("payload", "Payload size exceeds tenant limit");
+    }
+    if encoding == PayloadEncoding::Json && serde_json::from_slice::<&RawValue>(&body).is_err() {
+        return invalid("payload", "is invalid");
+    }
+    if private {
+        return json_response(StatusCode::FORBIDDEN, &json!({"message": "Unauthorized"}));
+    }
+    Metrics::add(&shared.metrics.rest_broadcasts_total, 1);
+    let key = TopicKey {
+        private,
+        topic: Arc::from(format!("realtime:{topic}")),
+    };
+    if let Some(topic) = shared.registry.get(&key) {
+        let message = Outgoing::User {
+            event: &event,
+            metadata: None,
+            encoding,
+            payload: &body,
+        };
+        let delivery = topic.publish(&message, None);
+        Metrics::add(&shared.metrics.dropped_deliveries, delivery.dropped);
+    }
+    accepted()
+}

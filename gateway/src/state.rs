@@ -1,0 +1,36 @@
+//! The state every task shares, behind one cloneable handle.
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) verifier: Verifier,
+    pub(crate) registry: Registry,
+    pub(crate) metrics: Metrics,
+    /// Cancelled when the gateway shuts down; every socket's kill token is a child of it.
+    pub(crate) shutdown: CancellationToken,
+    /// Every task the gateway spawns, so shutdown can wait for them.
+    pub(crate) tracker: TaskTracker,
+}
+
+impl Shared {
+    /// Why a private channel cannot be joined while no database is configured.
+    pub(crate) fn private_channels_unavailable(&self) -> String {
+        "UnableToConnectToProject: Realtime was unable to connect to the project database \
+         (private channels are authorized by RLS on realtime.messages: set DATABASE_URL)"
+            .to_owned()
+    }
+
+    /// Why postgres_changes bindings cannot be served while no database is configured.
+    pub(crate) fn postgres_changes_unavailable(&self) -> String {
+        "Unable to subscribe to changes with given parameters: no database is configured \
+         (set DATABASE_URL)"
+            .to_owned()
+    }
+}
