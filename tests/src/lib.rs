@@ -1,1 +1,3 @@
 //! End-to-end test harness: gateway on port 0, WebSocket clients, token minting.
+
+pub mod postgres;

@@ -28,6 +28,17 @@ impl fmt::Display for ServerError {
     }
 }
 
+impl From<&tokio_postgres::error::DbError> for ServerError {
+    fn from(e: &tokio_postgres::error::DbError) -> Self {
+        ServerError {
+            severity: e.severity().to_owned(),
+            code: e.code().code().to_owned(),
+            message: e.message().to_owned(),
+            detail: e.detail().map(str::to_owned),
+        }
+    }
+}
+
 impl ServerError {
     /// Class 08 (connection exception) and 57P01–57P03 (shutdown, crash, starting up): try again later.
     fn is_transient(&self) -> bool {

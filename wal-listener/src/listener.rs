@@ -23,7 +23,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -51,6 +51,8 @@ struct Shared {
     server_lsn: AtomicU64,
     /// Commit time (µs since 2000) of the oldest delivered, unacknowledged transaction; `i64::MIN` if none.
     oldest_unacked: AtomicI64,
+    /// A session is past `START_REPLICATION`.
+    streaming: AtomicBool,
 }
 
 /// Acknowledges transactions; cheap to clone and safe to call from any task.
@@ -88,6 +90,12 @@ pub struct Lag {
 pub struct LagHandle(Arc<Shared>);
 
 impl LagHandle {
+    /// Whether the listener is streaming now (past `START_REPLICATION`, connection up). Changes
+    /// committed after this turned true are certain to be delivered; use it for readiness checks.
+    pub fn is_streaming(&self) -> bool {
+        self.0.streaming.load(Ordering::Acquire)
+    }
+
     pub fn lag(&self) -> Lag {
         let flushed = self.0.flushed.load(Ordering::Acquire);
         let server = self.0.server_lsn.load(Ordering::Acquire);
@@ -203,10 +211,16 @@ impl Listener {
         let (slot, publication, user) = (&cfg.slot, &cfg.publication, &cfg.connect.user);
         let map_err = |e: Error| match e {
             Error::Server(s) => Error::from_server(s, slot, publication, user),
+            Error::Admin(e) => match e.as_db_error() {
+                Some(db) => Error::from_server(db.into(), slot, publication, user),
+                None => Error::Admin(e),
+            },
             other => other,
         };
         let admin = catalog::connect(&cfg.connect).await.map_err(map_err)?;
-        let state = catalog::preflight(&admin, user, slot, publication).await?;
+        let state = catalog::preflight(&admin, user, slot, publication)
+            .await
+            .map_err(map_err)?;
         let mut conn = ReplicationConn::connect(&cfg.connect)
             .await
             .map_err(map_err)?;
@@ -240,10 +254,12 @@ impl Listener {
         // Keep the server's WAL position fresh for the lag metric.
         let admin = Arc::new(admin);
         let poller = tokio::spawn(poll_server_lsn(admin.clone(), self.shared.clone()));
+        self.shared.streaming.store(true, Ordering::Release);
         let result = self
             .stream(&mut conn, &admin, shutdown)
             .await
             .map_err(map_err);
+        self.shared.streaming.store(false, Ordering::Release);
         poller.abort();
         if matches!(result, Ok(SessionEnd::Shutdown)) {
             conn.close().await;
