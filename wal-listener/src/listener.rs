@@ -336,7 +336,9 @@ impl Listener {
                     }
                 }
                 b'E' => return Err(Error::Server(replication::parse_error(&frame.body))),
-                b'c' => return Err(Error::StreamEnded),
+                // CopyDone, or CommandComplete which a walsender sends alone when the server
+                // shuts down after streaming everything: reconnect.
+                b'c' | b'C' | b'Z' => return Err(Error::StreamEnded),
                 b'N' => {
                     let n = replication::parse_error(&frame.body);
                     debug!(code = %n.code, message = %n.message, "server notice");

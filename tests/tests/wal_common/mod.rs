@@ -142,3 +142,66 @@ pub fn init_tracing() {
             .try_init();
     }
 }
+
+/// Row ids of the inserts in a transaction (first column as integer).
+pub fn inserted_ids(tx: &Transaction) -> Vec<i64> {
+    tx.changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Insert { new, .. } => text(new, 0).and_then(|s| s.parse().ok()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Inserts `count` rows into `t(id)` as single-row transactions (every tenth transaction holds three
+/// rows), starting at `first`, through its own connection; reconnects after errors (for server restarts).
+/// Returns when all are written; which ids really committed is read back from the table.
+pub async fn write_rows(url: String, first: i64, count: i64) -> anyhow::Result<()> {
+    let mut client = postgres::connect(&url).await?;
+    let mut i = first;
+    while i < first + count {
+        let sql = if i % 10 == 0 {
+            format!("INSERT INTO t VALUES ({i}), ({}), ({})", i + 1, i + 2)
+        } else {
+            format!("INSERT INTO t VALUES ({i})")
+        };
+        let step = if i % 10 == 0 { 3 } else { 1 };
+        match client.batch_execute(&sql).await {
+            Ok(()) => i += step,
+            Err(e) if e.as_db_error().is_some_and(|d| d.code().code() == "23505") => i += step,
+            Err(_) => {
+                // Connection lost (server restart): reconnect and retry the same rows; a duplicate
+                // means the lost statement had committed.
+                client = postgres::wait_for(WAIT, "reconnect", || async {
+                    Ok(postgres::connect(&url).await.ok())
+                })
+                .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// All ids in `t`.
+pub async fn table_ids(
+    client: &tokio_postgres::Client,
+) -> anyhow::Result<std::collections::BTreeSet<i64>> {
+    Ok(client
+        .query("SELECT id::int8 FROM t", &[])
+        .await?
+        .iter()
+        .map(|r| r.get::<_, i64>(0))
+        .collect())
+}
+
+/// Waits until the listener has confirmed at least the transaction with this commit LSN.
+pub async fn wait_flushed(
+    running: &Running,
+    commit_lsn: realtime_wal_listener::Lsn,
+) -> anyhow::Result<()> {
+    postgres::wait_for(WAIT, "flush", || async {
+        Ok((running.lag.lag().flushed > commit_lsn).then_some(()))
+    })
+    .await
+}
