@@ -14,6 +14,7 @@ export function rawUpgrade(gw, { path = '/realtime/v1/websocket', query = {}, he
   return new Promise((resolve, reject) => {
     const req = request({
       host: '127.0.0.1',
+      agent: false, // one connection per upgrade attempt; never reuse a refused one
       port: gw.port,
       path: qs ? `${path}?${qs}` : path,
       headers: {
@@ -85,9 +86,13 @@ export async function rawSocket(gw, { vsn = '2.0.0', key = gw.anonKey, path = '/
           : { topic, event, payload, ref, ...(join_ref === null ? {} : { join_ref }) }
       ws.send(JSON.stringify(frame))
     },
-    close() {
+    /** Closes from our side; a server that does not finish the close handshake gets the TCP cut. */
+    async close() {
       ws.close()
-      return closed
+      const timer = setTimeout(() => ws.terminate(), 2000)
+      const result = await closed
+      clearTimeout(timer)
+      return result
     },
   }
 }
