@@ -20,6 +20,8 @@ pub struct PgType {
     /// `pg_type.typname`: `int4`, `_text`, an enum's or domain's own name.
     pub name: String,
     pub kind: ValueKind,
+    /// `pg_type.typdelim`: the element separator in the text of arrays of this type.
+    pub(crate) delimiter: u8,
 }
 
 /// Opens an admin connection; its driver runs on a spawned task that ends with the client.
@@ -184,7 +186,16 @@ pub(crate) async fn resolve_types(
             .get(&oid)
             .map(|r| r.name.clone())
             .unwrap_or_else(|| oid.to_string());
-        cache.insert(oid, Arc::new(PgType { oid, name, kind }));
+        let delimiter = rows.get(&oid).map(|r| r.delim as u8).unwrap_or(b',');
+        cache.insert(
+            oid,
+            Arc::new(PgType {
+                oid,
+                name,
+                kind,
+                delimiter,
+            }),
+        );
     }
     Ok(())
 }
@@ -208,7 +219,11 @@ fn classify(
         return classify(row.base, rows, cache, depth + 1);
     }
     if row.category == b'A' as i8 && row.elem != 0 {
-        let delimiter = rows.get(&row.elem).map(|e| e.delim as u8).unwrap_or(b',');
+        let delimiter = match (rows.get(&row.elem), cache.get(&row.elem)) {
+            (Some(e), _) => e.delim as u8,
+            (None, Some(t)) => t.delimiter,
+            (None, None) => b',',
+        };
         return ValueKind::Array {
             element: Box::new(classify(row.elem, rows, cache, depth + 1)),
             delimiter,

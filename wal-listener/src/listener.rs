@@ -413,6 +413,7 @@ impl Listener {
                                 oid: c.type_oid,
                                 name: c.type_oid.to_string(),
                                 kind: crate::value::ValueKind::Text,
+                                delimiter: b',',
                             })
                         }),
                         name: c.name,

@@ -5,13 +5,18 @@
 //!
 //! | base type (domains resolved)                    | JSON                                              |
 //! | ----------------------------------------------- | ------------------------------------------------- |
-//! | `int2` `int4` `int8` `float4` `float8` `numeric` | number with Postgres' own digits; `NaN`, `Infinity`, `-Infinity` as strings |
+//! | `int2` `int4` `int8` `float4` `float8` `numeric` | number with Postgres' own digits, spelled as jsonb's `numeric` does (`1e+100` → `1000…0`, `-0` → `0`); `NaN`, `Infinity`, `-Infinity` as strings |
 //! | `bool`                                          | `true` / `false`                                  |
 //! | `json` `jsonb`                                  | the JSON value itself, text passed through        |
 //! | `date` `timestamp` `timestamptz`                | ISO 8601 with `T`; timestamptz offset as `+HH:MM` |
 //! | `bytea` (top level only)                        | hex digits without `\x` (what Realtime ≥ 2.76.6 sends) |
 //! | arrays                                          | nested JSON arrays; NULL elements → `null`        |
+//! | `int2vector` `oidvector`                        | JSON arrays (their text has no braces)            |
 //! | everything else (text, uuid, enums, `oid`, time, timetz, interval, ranges, …) | its text as a string |
+//!
+//! `oid` is a string: that is what `to_jsonb` returns (protocol.md's table lists it with the integers;
+//! the golden test against the database decides). The golden test (`tests/tests/wal_values.rs`) checks
+//! every row of this table against the test database's own `to_jsonb`.
 //!
 //! Values are written as JSON *text* into a caller's buffer rather than built as `serde_json::Value`:
 //! `numeric` keeps every digit without turning on serde_json's workspace-wide `arbitrary_precision`
@@ -71,7 +76,7 @@ pub fn write_json(out: &mut Vec<u8>, kind: &ValueKind, text: &str) {
     match kind {
         ValueKind::Number => {
             if is_json_number(text) {
-                out.extend_from_slice(text.as_bytes());
+                write_number(out, text);
             } else {
                 write_string(out, text);
             }
@@ -95,7 +100,12 @@ pub fn write_json(out: &mut Vec<u8>, kind: &ValueKind, text: &str) {
         ValueKind::Bytea => write_string(out, text.strip_prefix("\\x").unwrap_or(text)),
         ValueKind::Array { element, delimiter } => {
             let start = out.len();
-            if write_array(out, element, *delimiter, text).is_err() {
+            let parsed = if text.starts_with(['{', '[']) {
+                write_array(out, element, *delimiter, text)
+            } else {
+                write_vector(out, element, text)
+            };
+            if parsed.is_err() {
                 out.truncate(start);
                 write_string(out, text);
             }
@@ -145,6 +155,85 @@ pub fn write_string(out: &mut Vec<u8>, s: &str) {
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Writes a valid JSON number the way jsonb stores it: as `numeric`. Postgres' float output may use an
+/// exponent (`1e+100`) or negative zero; `numeric` has neither, so `to_jsonb` spells such numbers out
+/// in plain decimal with the scale `numeric_in` gives them (`5e-3` → `0.005`, `-0` → `0`).
+fn write_number(out: &mut Vec<u8>, text: &str) {
+    let (negative, body) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let all_zero = body
+        .bytes()
+        .take_while(|b| !matches!(b, b'e' | b'E'))
+        .all(|b| b == b'0' || b == b'.');
+    let Some(e) = body.find(['e', 'E']) else {
+        if negative && all_zero {
+            out.extend_from_slice(body.as_bytes());
+        } else {
+            out.extend_from_slice(text.as_bytes());
+        }
+        return;
+    };
+    let (mantissa, exp) = (&body[..e], &body[e + 1..]);
+    let Ok(exp) = exp.parse::<i64>() else {
+        out.extend_from_slice(text.as_bytes());
+        return;
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits: String = format!("{int}{frac}");
+    let point = int.len() as i64 + exp;
+    let scale = (frac.len() as i64 - exp).max(0);
+    // Absurd exponents cannot come from float output; keep the text rather than allocate wildly.
+    if point.abs() > 4096 || scale > 4096 {
+        out.extend_from_slice(text.as_bytes());
+        return;
+    }
+    let mut int_part = String::new();
+    let mut frac_part = String::new();
+    if point <= 0 {
+        int_part.push('0');
+        frac_part.extend(std::iter::repeat_n('0', (-point) as usize));
+        frac_part.push_str(&digits);
+    } else if point as usize >= digits.len() {
+        int_part.push_str(&digits);
+        int_part.extend(std::iter::repeat_n('0', point as usize - digits.len()));
+    } else {
+        int_part.push_str(&digits[..point as usize]);
+        frac_part.push_str(&digits[point as usize..]);
+    }
+    frac_part.truncate(scale as usize);
+    while frac_part.len() < scale as usize {
+        frac_part.push('0');
+    }
+    let int_part = int_part.trim_start_matches('0');
+    if negative && !all_zero {
+        out.push(b'-');
+    }
+    out.extend_from_slice(if int_part.is_empty() {
+        b"0"
+    } else {
+        int_part.as_bytes()
+    });
+    if !frac_part.is_empty() {
+        out.push(b'.');
+        out.extend_from_slice(frac_part.as_bytes());
+    }
+}
+
+/// `int2vector` / `oidvector`: array types whose text is space-separated without braces.
+fn write_vector(out: &mut Vec<u8>, element: &ValueKind, text: &str) -> Result<(), ArraySyntax> {
+    out.push(b'[');
+    for (i, item) in text.split_ascii_whitespace().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json(out, element_kind(element), item);
+    }
+    out.push(b']');
+    Ok(())
 }
 
 /// JSON number grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
@@ -379,7 +468,16 @@ mod tests {
         assert_eq!(json(&ValueKind::Number, "12.3400"), "12.3400");
         assert_eq!(json(&ValueKind::Number, "NaN"), "\"NaN\"");
         assert_eq!(json(&ValueKind::Number, "-Infinity"), "\"-Infinity\"");
-        assert_eq!(json(&ValueKind::Number, "1e+100"), "1e+100");
+        assert_eq!(json(&ValueKind::Number, "1e+3"), "1000");
+        assert_eq!(json(&ValueKind::Number, "-1.5e-3"), "-0.0015");
+        assert_eq!(
+            json(&ValueKind::Number, "3.4028235e+38"),
+            "340282350000000000000000000000000000000"
+        );
+        assert_eq!(json(&ValueKind::Number, "-0"), "0");
+        assert_eq!(json(&ValueKind::Number, "-0.00"), "0.00");
+        assert_eq!(json(&ValueKind::Number, "0e-2"), "0.00");
+        assert_eq!(json(&arr(ValueKind::Number), "1 2"), "[1,2]");
         assert_eq!(json(&ValueKind::Bool, "t"), "true");
         assert_eq!(
             json(&ValueKind::Text, "a\"b\\c\n\u{1}"),
