@@ -7,6 +7,7 @@
 import { spawn } from 'node:child_process'
 import { createHmac, randomBytes } from 'node:crypto'
 import { existsSync } from 'node:fs'
+import { get as httpGet } from 'node:http'
 import { createServer } from 'node:net'
 import { fileURLToPath } from 'node:url'
 
@@ -66,6 +67,27 @@ export function signJwt(secret, claims = {}, { alg = 'HS256', expiresIn = 3600, 
   const hash = HMAC[alg]
   if (!hash) throw new Error(`signJwt: unsupported alg ${alg}`)
   return `${input}.${createHmac(hash, secret).update(input).digest('base64url')}`
+}
+
+/**
+ * GET /healthcheck on a connection of its own that is closed afterwards (unlike fetch's pooled
+ * keep-alive connections, which would linger in the gateway). `{ status: 0 }` when nothing answers.
+ */
+function healthcheck(port) {
+  return new Promise((resolve) => {
+    const req = httpGet(
+      { host: '127.0.0.1', port, path: '/healthcheck', agent: false, headers: { Connection: 'close' } },
+      (res) => {
+        let body = ''
+        res.setEncoding('utf8')
+        res.on('data', (chunk) => (body += chunk))
+        res.on('end', () => resolve({ status: res.statusCode, body }))
+        res.on('error', () => resolve({ status: 0, body: '' }))
+      },
+    )
+    req.setTimeout(1000, () => req.destroy())
+    req.on('error', () => resolve({ status: 0, body: '' }))
+  })
 }
 
 function pipeLines(stream, sink, prefix) {
@@ -136,13 +158,8 @@ export async function startGateway({ env = {} } = {}) {
         `gateway exited before it was ready (${JSON.stringify(early)}):\n${output.slice(-40).join('\n')}`,
       )
     }
-    try {
-      const res = await fetch(`${url}/healthcheck`, { signal: AbortSignal.timeout(1000) })
-      const body = await res.text()
-      if (res.status === 200 && body.trim() === 'ok') break
-    } catch {
-      // not listening yet
-    }
+    const health = await healthcheck(port)
+    if (health.status === 200 && health.body.trim() === 'ok') break
     if (Date.now() - started > READY_TIMEOUT_MS) {
       child.kill('SIGKILL')
       throw new Error(
@@ -163,7 +180,10 @@ export async function startGateway({ env = {} } = {}) {
     serviceKey: sign({ role: 'service_role', iss: 'supabase' }),
     /** The gateway's recent stdout/stderr lines. */
     logs: () => output.slice(),
+    /** Resolves with `{ code, signal }` once the process has exited. */
     exited,
+    /** Sends `signal` to the gateway process (for shutdown tests); see `exited`. */
+    signal: (signal) => child.kill(signal),
     /** Sends SIGTERM, waits up to 5 s for the exit (then SIGKILL); resolves to the exit status. */
     async stop() {
       if (child.exitCode !== null || child.signalCode !== null) return exited
