@@ -179,7 +179,7 @@ test('the refusal waits CONNECT_ERROR_BACKOFF_MS before answering', async () => 
     // a good key is not delayed
     const okStarted = Date.now()
     assert.equal((await rawUpgrade(slow, { query: { apikey: slow.anonKey } })).status, 101)
-    assert.ok(Date.now() - okStarted < 500, 'a valid key is accepted without the backoff')
+    assert.ok(Date.now() - okStarted < 550, 'a valid key is accepted without the backoff')
   } finally {
     await slow.stop()
   }
