@@ -11,7 +11,7 @@ import { UNICODE_PAYLOAD } from './lib/payloads.mjs'
 
 let gw
 before(async () => {
-  gw = await startGateway()
+  gw = await startGateway({ env: { MAX_PAYLOAD_SIZE_IN_KB: '100' } })
 })
 after(async () => {
   await closeClients()
@@ -92,12 +92,41 @@ test('REST broadcast without valid credentials is refused with 401 and nothing i
   assert.deepEqual(sub.broadcasts.items.map((m) => m.event), ['marker'])
 })
 
-test('a malformed batch gets 422 and is not delivered', async () => {
+test('a batch message without a topic gets 422', async () => {
   const res = await post('/realtime/v1/api/broadcast', {
     headers: { apikey: gw.anonKey },
     body: { messages: [{ event: 'no-topic', payload: {} }] },
   })
   assert.equal(res.status, 422, await res.clone().text())
+})
+
+test('payloads over MAX_PAYLOAD_SIZE_IN_KB or not objects get 422 with field errors, and are not delivered', async () => {
+  const name = room('cap')
+  const sub = await joined(supabaseClient(gw), name)
+  const big = { blob: 'x'.repeat(150_000) } // cap is 100 KB here
+  const batch = await post('/realtime/v1/api/broadcast', {
+    headers: { apikey: gw.anonKey },
+    body: { messages: [{ topic: name, event: 'big', payload: big }] },
+  })
+  assert.equal(batch.status, 422)
+  assert.deepEqual(await batch.json(), { errors: { messages: [{ payload: ['Payload size exceeds tenant limit'] }] } })
+  const single = await post(`/realtime/v1/api/broadcast/${encodeURIComponent(name)}/events/big`, {
+    headers: { apikey: gw.anonKey },
+    body: big,
+  })
+  assert.equal(single.status, 422, await single.clone().text())
+  const notObject = await post('/realtime/v1/api/broadcast', {
+    headers: { apikey: gw.anonKey },
+    body: { messages: [{ topic: name, event: 'str', payload: 'just a string' }] },
+  })
+  assert.equal(notObject.status, 422)
+  const marker = await post('/realtime/v1/api/broadcast', {
+    headers: { apikey: gw.anonKey },
+    body: { messages: [{ topic: name, event: 'marker', payload: {} }] },
+  })
+  assert.equal(marker.status, 202)
+  await sub.broadcasts.find((m) => m.event === 'marker', 3000, 'the marker')
+  assert.deepEqual(sub.broadcasts.items.map((m) => m.event), ['marker'])
 })
 
 test('channel.httpSend() posts to the per-event endpoint: success, V2 and V1 subscribers get it', async () => {
