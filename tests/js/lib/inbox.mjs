@@ -85,5 +85,5 @@ export function within(promise, ms, what) {
   ]).finally(() => clearTimeout(timer))
 }
 
-/** A plain delay, only for letting wall-clock time pass (token expiry), never to wait for an event. */
+/** A plain delay, only for letting wall-clock time pass (rate windows, expiry), never to wait for an event. */
 export const delay = (ms) => new Promise((resolve) => setTimeout(resolve, ms))
