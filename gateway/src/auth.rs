@@ -18,6 +18,8 @@ pub(crate) struct Claims {
     pub(crate) role: String,
     /// Expiry, seconds since the epoch.
     pub(crate) exp: i64,
+    /// The whole claim set, as RLS sees it in `request.jwt.claims`.
+    pub(crate) all: Arc<Map<String, Value>>,
 }
 
 /// Why a token was refused.
@@ -135,6 +137,7 @@ impl Verifier {
         Ok(Claims {
             role,
             exp: exp as i64,
+            all: Arc::new(claims),
         })
     }
 }

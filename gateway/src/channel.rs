@@ -29,6 +29,8 @@ use tracing::debug;
 const PHOENIX_TOPIC: &str = "phoenix";
 const TOPIC_PREFIX: &str = "realtime:";
 const EMPTY: &str = "{}";
+/// How long a join waits for the WAL stream to be live before it replies anyway.
+const POSTGRES_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One joined channel.
 #[derive(Debug)]
@@ -52,6 +54,8 @@ struct Channel {
     /// Track/untrack calls in the current rate window, and when the window ends.
     presence_calls: u32,
     presence_window_ends: Option<Instant>,
+    /// `config.postgres_changes` entries with their binding ids (re-resolved on token refresh).
+    pg_entries: Vec<(serde_json::Value, u32)>,
 }
 
 /// The channels of one socket.
@@ -182,7 +186,7 @@ impl Channels {
             "broadcast" => self.broadcast_json(&m),
             "access_token" => {
                 if let Some(token) = payload::parse_access_token(&m.payload) {
-                    self.refresh_token(&m.topic, token);
+                    self.refresh_token(&m.topic, token).await;
                 }
             }
             "presence" => self.presence(&m),
@@ -269,15 +273,27 @@ impl Channels {
         } else {
             Arc::from(join.presence.key.as_str())
         };
-        let reply = payload::reply_ok(&join_response(&join.postgres_changes));
-        let system = (!join.postgres_changes.is_empty()).then(|| {
-            payload::system(
+        let pg_entries: Vec<(serde_json::Value, u32)> = join
+            .postgres_changes
+            .iter()
+            .map(|e| (e.value.clone(), binding_id(&e.raw)))
+            .collect();
+        // Ready means ready: subscriptions are in the router, and the stream is live, before the
+        // client hears it is subscribed.
+        let system = if pg_entries.is_empty() {
+            None
+        } else {
+            let (ok, message) = self
+                .subscribe_postgres(member_id, &m.topic, &claims, &pg_entries)
+                .await;
+            Some(payload::system(
                 "postgres_changes",
-                false,
-                &shared.postgres_changes_unavailable(),
+                ok,
+                &message,
                 Some(&sub_topic),
-            )
-        });
+            ))
+        };
+        let reply = payload::reply_ok(&join_response(&join.postgres_changes));
         // Reply, system messages and presence_state are queued under the topic's lock, so they
         // reach the client before any fan-out that follows the join (§3.6 order).
         let topic = shared.registry.join(key, member, |inner| {
@@ -320,6 +336,7 @@ impl Channels {
             tracked: None,
             presence_calls: 0,
             presence_window_ends: None,
+            pg_entries,
         };
         self.by_topic.insert(m.topic, channel);
     }
@@ -358,6 +375,9 @@ impl Channels {
 
     /// Removes a channel from the registry (and its presence) without telling the client.
     fn forget(&self, channel: Channel) {
+        if let Some(pg) = &self.shared.postgres {
+            pg.router.unsubscribe(channel.member);
+        }
         self.shared.registry.leave(&channel.topic, channel.member);
         Metrics::gauge(&self.shared.metrics.channels, -1);
     }
@@ -458,20 +478,73 @@ impl Channels {
 
     /// `access_token`: never answered. A new valid token replaces the channel's claims; an
     /// invalid one ends the channel with the reason.
-    fn refresh_token(&mut self, topic: &str, token: String) {
+    async fn refresh_token(&mut self, topic: &str, token: String) {
         let Some(channel) = self.by_topic.get_mut(topic) else {
             return;
         };
         if token.starts_with("sb_") || token == channel.token {
             return;
         }
-        match self.shared.verifier.verify(&token) {
-            Ok(claims) => {
-                channel.expires_at = expiry_instant(claims.exp);
-                channel.claims = claims;
-                channel.token = token;
+        let claims = match self.shared.verifier.verify(&token) {
+            Ok(claims) => claims,
+            Err(e) => return self.shut_down(topic, &e.to_string()),
+        };
+        channel.expires_at = expiry_instant(claims.exp);
+        channel.claims = claims;
+        channel.token = token;
+        // Postgres Changes follow the new claims: re-subscribe, and say so again.
+        if channel.pg_entries.is_empty() {
+            return;
+        }
+        let (member, entries, claims) = (
+            channel.member,
+            channel.pg_entries.clone(),
+            channel.claims.clone(),
+        );
+        let (join_ref, sub_topic) = (channel.join_ref.clone(), channel.sub_topic.clone());
+        let (ok, message) = self
+            .subscribe_postgres(member, topic, &claims, &entries)
+            .await;
+        let system = payload::system("postgres_changes", ok, &message, Some(&sub_topic));
+        self.send(join_ref.as_ref(), None, topic, "system", &system);
+    }
+
+    /// Resolves a channel's postgres_changes entries for its claims and registers them in the
+    /// change router. Returns the `system` message status and text.
+    async fn subscribe_postgres(
+        &self,
+        member: MemberId,
+        topic: &str,
+        claims: &Claims,
+        entries: &[(serde_json::Value, u32)],
+    ) -> (bool, String) {
+        let Some(pg) = &self.shared.postgres else {
+            return (false, self.shared.postgres_changes_unavailable());
+        };
+        match crate::postgres::subscribe(
+            pg,
+            member,
+            &self.outbox,
+            self.vsn(),
+            topic,
+            claims,
+            entries,
+        )
+        .await
+        {
+            Ok(()) => {
+                if pg.wait_streaming(POSTGRES_READY_TIMEOUT).await {
+                    (true, "Subscribed to PostgreSQL".to_owned())
+                } else {
+                    (
+                        false,
+                        "Subscribed to PostgreSQL, but the replication stream is not live yet: \
+                         changes are delivered once it is (see the gateway log)"
+                            .to_owned(),
+                    )
+                }
             }
-            Err(e) => self.shut_down(topic, &e.to_string()),
+            Err(message) => (false, message),
         }
     }
 

@@ -48,6 +48,28 @@ pub enum LogFormat {
     about = "A Supabase Realtime compatible gateway"
 )]
 pub struct Config {
+    /// Postgres URL. With it, the gateway serves Postgres Changes and broadcast from the database
+    /// over one durable replication slot.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<Secret>,
+
+    /// Name of the durable logical replication slot.
+    #[arg(long, env = "SLOT_NAME", default_value = "realtime_gateway")]
+    pub slot_name: String,
+
+    /// Publication whose tables Postgres Changes can stream.
+    #[arg(long, env = "PUBLICATION", default_value = "supabase_realtime")]
+    pub publication: String,
+
+    /// Do not apply the `realtime` schema migrations at start.
+    #[arg(long, env = "DISABLE_MIGRATIONS", default_value_t = false)]
+    pub disable_migrations: bool,
+
+    /// Records larger than this many bytes are delivered with only their small fields and
+    /// `Error 413` (the reference's `poll_max_record_bytes`).
+    #[arg(long, env = "MAX_RECORD_BYTES", default_value_t = 1_048_576)]
+    pub max_record_bytes: usize,
+
     /// Address to listen on.
     #[arg(long, env = "HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,

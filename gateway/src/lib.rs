@@ -21,6 +21,7 @@ pub mod config;
 mod http;
 mod metrics;
 mod outbox;
+mod postgres;
 mod presence;
 mod registry;
 mod rest;
@@ -51,13 +52,39 @@ pub async fn run(
         .clone()
         .context("a JWT secret is required (API_JWT_SECRET)")?;
     let deadline = std::time::Duration::from_millis(config.shutdown_timeout_ms);
+    let registry = Arc::new(registry::Registry::default());
+    let metrics = Arc::new(metrics::Metrics::default());
+    let shutdown_token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let postgres = match &config.database_url {
+        None => None,
+        Some(url) => {
+            let settings = postgres::Settings {
+                url: url.expose().to_owned(),
+                slot: config.slot_name.clone(),
+                publication: config.publication.clone(),
+                migrate: !config.disable_migrations,
+                max_record_bytes: config.max_record_bytes,
+            };
+            let pg = postgres::start(
+                &settings,
+                registry.clone(),
+                metrics.clone(),
+                shutdown_token.clone(),
+                &tracker,
+            )
+            .await?;
+            Some(pg)
+        }
+    };
     let shared = Arc::new(Shared {
         verifier: auth::Verifier::new(&secret),
         config,
-        registry: registry::Registry::default(),
-        metrics: metrics::Metrics::default(),
-        shutdown: CancellationToken::new(),
-        tracker: TaskTracker::new(),
+        registry,
+        metrics,
+        postgres,
+        shutdown: shutdown_token,
+        tracker,
     });
     info!(addr = %listener.local_addr()?, "listening");
     let accept = shared

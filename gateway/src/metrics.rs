@@ -50,6 +50,11 @@ pub(crate) struct Metrics {
     pub(crate) broadcasts_total: AtomicU64,
     pub(crate) rest_broadcasts_total: AtomicU64,
     pub(crate) dropped_deliveries: AtomicU64,
+    pub(crate) wal_transactions: AtomicU64,
+    pub(crate) wal_changes: AtomicU64,
+    pub(crate) postgres_changes_out: AtomicU64,
+    pub(crate) visibility_queries: AtomicU64,
+    pub(crate) db_broadcasts: AtomicU64,
     closes: [AtomicU64; 5],
 }
 
@@ -83,7 +88,7 @@ impl Metrics {
             "Joined channels.",
             load_i(&self.channels),
         );
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: &[(&str, &str, &AtomicU64)] = &[
             (
                 "realtime_connections_total",
                 "WebSocket connections accepted.",
@@ -140,7 +145,7 @@ impl Metrics {
                 &self.dropped_deliveries,
             ),
         ];
-        for (name, help, v) in counters {
+        for &(name, help, v) in counters {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",

@@ -3,7 +3,9 @@
 use crate::auth::Verifier;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::postgres::PostgresChanges;
 use crate::registry::Registry;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -11,8 +13,10 @@ use tokio_util::task::TaskTracker;
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) verifier: Verifier,
-    pub(crate) registry: Registry,
-    pub(crate) metrics: Metrics,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// The Postgres side, when a database is configured.
+    pub(crate) postgres: Option<Arc<PostgresChanges>>,
     /// Cancelled when the gateway shuts down; every socket's kill token is a child of it.
     pub(crate) shutdown: CancellationToken,
     /// Every task the gateway spawns, so shutdown can wait for them.

@@ -25,7 +25,7 @@ pub struct PgType {
 }
 
 /// Opens an admin connection; its driver runs on a spawned task that ends with the client.
-pub(crate) async fn connect(cfg: &ConnectConfig) -> Result<Client, Error> {
+pub async fn connect(cfg: &ConnectConfig) -> Result<Client, Error> {
     let stream = transport::connect(cfg).await?;
     let mut pg = tokio_postgres::Config::new();
     pg.user(&cfg.user)
@@ -52,6 +52,22 @@ pub(crate) struct SlotState {
     pub(crate) wal_status: Option<String>,
 }
 
+/// Checks that a publication exists.
+pub(crate) async fn check_publication(client: &Client, publication: &str) -> Result<(), Error> {
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await?;
+    match exists {
+        Some(_) => Ok(()),
+        None => Err(Error::PublicationMissing {
+            publication: publication.to_owned(),
+        }),
+    }
+}
+
 /// Checks the server can stream `publication` for `user`; returns the slot's state if it exists.
 pub(crate) async fn preflight(
     client: &Client,
@@ -59,46 +75,42 @@ pub(crate) async fn preflight(
     slot: &str,
     publication: &str,
 ) -> Result<Option<SlotState>, Error> {
-    let wal_level: String = client.query_one("SHOW wal_level", &[]).await?.get(0);
+    // One round trip for every check: startup cost matters when the listener reconnects.
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'),
+                    (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user),
+                    EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $2),
+                    s.slot_name IS NOT NULL, s.plugin::text, s.database::text, s.wal_status,
+                    current_database()::text
+             FROM (SELECT 1) AS one
+             LEFT JOIN pg_replication_slots s ON s.slot_name = $1",
+            &[&slot, &publication],
+        )
+        .await?;
+    let wal_level: String = row.get(0);
     if wal_level != "logical" {
         return Err(Error::WalLevelNotLogical { actual: wal_level });
     }
-    let row = client
-        .query_one(
-            "SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
-        .await?;
-    if !row.get::<_, bool>(0) {
+    if !row.get::<_, Option<bool>>(1).unwrap_or(false) {
         return Err(Error::MissingReplicationPrivilege {
             user: user.to_owned(),
         });
     }
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await?;
-    if exists.is_none() {
+    if !row.get::<_, bool>(2) {
         return Err(Error::PublicationMissing {
             publication: publication.to_owned(),
         });
     }
-    let row = client
-        .query_opt(
-            "SELECT plugin::text, database::text, wal_status, current_database()::text
-             FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    let Some(row) = row else { return Ok(None) };
+    if !row.get::<_, bool>(3) {
+        return Ok(None);
+    }
     let state = SlotState {
-        plugin: row.get(0),
-        database: row.get(1),
-        wal_status: row.get(2),
+        plugin: row.get(4),
+        database: row.get(5),
+        wal_status: row.get(6),
     };
-    let current_db: String = row.get(3);
+    let current_db: String = row.get(7);
     if state.wal_status.as_deref() == Some("lost") {
         return Err(Error::SlotInvalidated {
             slot: slot.to_owned(),

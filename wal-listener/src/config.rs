@@ -180,6 +180,8 @@ pub struct ListenerConfig {
     pub slot: String,
     /// Publication to stream; it must exist. Default `supabase_realtime`.
     pub publication: String,
+    /// More publications streamed on the same slot (each must exist); empty by default.
+    pub additional_publications: Vec<String>,
     /// Transactions buffered between the listener and its consumer. When full, the listener stops
     /// reading from Postgres.
     pub queue_capacity: usize,
@@ -202,6 +204,7 @@ impl ListenerConfig {
             connect,
             slot: slot.into(),
             publication: "supabase_realtime".to_owned(),
+            additional_publications: Vec::new(),
             queue_capacity: 1024,
             status_interval: Duration::from_secs(1),
             messages: false,

@@ -46,6 +46,9 @@ mod transport;
 pub mod value;
 
 pub use catalog::PgType;
+/// A plain SQL connection (tokio-postgres) over the same transport as the replication stream
+/// (TLS per `sslmode`), for the consumer's own queries.
+pub use catalog::connect as connect_sql;
 pub use change::{Change, Column, Relation, Transaction};
 pub use config::{ConnectConfig, ListenerConfig, Password, SslMode};
 pub use error::{Error, ServerError};

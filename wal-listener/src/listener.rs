@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -221,6 +221,9 @@ impl Listener {
         let state = catalog::preflight(&admin, user, slot, publication)
             .await
             .map_err(map_err)?;
+        for extra in &cfg.additional_publications {
+            catalog::check_publication(&admin, extra).await?;
+        }
         let mut conn = ReplicationConn::connect(&cfg.connect)
             .await
             .map_err(map_err)?;
@@ -238,7 +241,13 @@ impl Listener {
         }
         let mut options = format!(
             "proto_version '1', publication_names {}",
-            replication::quote_literal(&replication::quote_ident(publication))
+            replication::quote_literal(
+                &std::iter::once(publication)
+                    .chain(&cfg.additional_publications)
+                    .map(|p| replication::quote_ident(p))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            )
         );
         if cfg.messages {
             options.push_str(", messages 'true'");
@@ -279,21 +288,30 @@ impl Listener {
             inflight: VecDeque::new(),
             received: Lsn(self.shared.flushed.load(Ordering::Acquire)),
             keepalive_pos: Lsn::ZERO,
+            next_status: Instant::now() + self.config.status_interval,
         };
-        let mut tick = tokio::time::interval(self.config.status_interval);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            let frame = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    self.send_status(conn, &mut st, false).await?;
-                    return Ok(SessionEnd::Shutdown);
+            // Messages already buffered are handled without going through `select!`: a read brings
+            // many of them, and the per-message cost is what limits small transactions.
+            let frame = match conn.try_frame()? {
+                Some(frame) => {
+                    if Instant::now() >= st.next_status {
+                        self.send_status(conn, &mut st, false).await?;
+                    }
+                    frame
                 }
-                _ = tick.tick() => {
-                    self.send_status(conn, &mut st, false).await?;
-                    continue;
-                }
-                frame = conn.read_frame() => frame?,
+                None => tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        self.send_status(conn, &mut st, false).await?;
+                        return Ok(SessionEnd::Shutdown);
+                    }
+                    _ = tokio::time::sleep_until(st.next_status) => {
+                        self.send_status(conn, &mut st, false).await?;
+                        continue;
+                    }
+                    frame = conn.read_frame() => frame?,
+                },
             };
             match frame.tag {
                 b'd' => {
@@ -307,8 +325,7 @@ impl Listener {
                             st.received = st.received.max(start);
                             let msg = pgoutput::decode(body)?;
                             if let Some(tx) = self.apply(&mut st, admin, msg).await?
-                                && let Some(end) =
-                                    self.deliver(conn, &mut st, tx, shutdown, &mut tick).await?
+                                && let Some(end) = self.deliver(conn, &mut st, tx, shutdown).await?
                             {
                                 return Ok(end);
                             }
@@ -500,8 +517,7 @@ impl Listener {
         st: &mut StreamState,
         tx: Transaction,
         shutdown: &CancellationToken,
-        tick: &mut tokio::time::Interval,
-    ) -> Result<Option<SessionEnd>, Error> {
+) -> Result<Option<SessionEnd>, Error> {
         let permit = loop {
             tokio::select! {
                 biased;
@@ -510,7 +526,9 @@ impl Listener {
                     return Ok(Some(SessionEnd::Shutdown));
                 }
                 permit = self.out.reserve() => break permit.map_err(|_| Error::ConsumerGone)?,
-                _ = tick.tick() => self.send_status(conn, st, false).await?,
+                _ = tokio::time::sleep_until(st.next_status) => {
+                    self.send_status(conn, st, false).await?;
+                }
             }
         };
         if st.inflight.is_empty() {
@@ -564,6 +582,7 @@ impl Listener {
         buf.put_u8(u8::from(reply));
         conn.queue_copy_data(&buf);
         conn.flush().await?;
+        st.next_status = Instant::now() + self.config.status_interval;
         debug!(slot = %self.config.slot, %write, %flush, "status update");
         Ok(())
     }
@@ -578,6 +597,8 @@ struct StreamState {
     received: Lsn,
     /// Position of the last keepalive.
     keepalive_pos: Lsn,
+    /// When the next status update is due.
+    next_status: Instant,
 }
 
 async fn poll_server_lsn(admin: Arc<tokio_postgres::Client>, shared: Arc<Shared>) {

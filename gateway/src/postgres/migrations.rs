@@ -1,0 +1,69 @@
+//! The `realtime` schema objects clients and policies depend on, applied at start, once each,
+//! recorded in `realtime.schema_migrations`. Concurrent gateways serialise on an advisory lock.
+
+use anyhow::Context;
+use tokio_postgres::Client;
+use tracing::info;
+
+/// The publication of `realtime.messages` (broadcast from the database), created by migration 1.
+pub(crate) const MESSAGES_PUBLICATION: &str = "supabase_realtime_messages_publication";
+
+/// Migrations in order: (version, SQL).
+const MIGRATIONS: &[(&str, &str)] = &[(
+    "0001_realtime_schema",
+    include_str!("../../sql/0001_realtime_schema.sql"),
+)];
+
+/// An arbitrary key for `pg_advisory_xact_lock`.
+const LOCK_KEY: i64 = 0x7265_616c_7469_6d65;
+
+/// Applies the migrations that have not run yet.
+pub(crate) async fn apply(client: &Client) -> anyhow::Result<()> {
+    client
+        .batch_execute(
+            "create schema if not exists realtime;
+             create table if not exists realtime.schema_migrations (
+               version text primary key,
+               inserted_at timestamptz not null default now())",
+        )
+        .await
+        .context("cannot create realtime.schema_migrations")?;
+    for (version, sql) in MIGRATIONS {
+        client.batch_execute("begin").await?;
+        let result = async {
+            client
+                .execute("select pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+                .await?;
+            let done = client
+                .query_opt(
+                    "select 1 from realtime.schema_migrations where version = $1",
+                    &[version],
+                )
+                .await?
+                .is_some();
+            if !done {
+                client.batch_execute(sql).await?;
+                client
+                    .execute(
+                        "insert into realtime.schema_migrations (version) values ($1)",
+                        &[version],
+                    )
+                    .await?;
+                info!(version, "migration applied");
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }
+        .await;
+        match result {
+            Ok(()) => client.batch_execute("commit").await?,
+            Err(e) => {
+                let _ = client.batch_execute("rollback").await;
+                return Err(anyhow::anyhow!(
+                    "migration {version} failed: {}",
+                    super::subscription::db_error_text(&e)
+                ));
+            }
+        }
+    }
+    Ok(())
+}

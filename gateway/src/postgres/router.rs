@@ -1,0 +1,421 @@
+//! The change router: an index from table to subscriptions, and the path of a batch of committed
+//! transactions from the WAL to the sockets.
+//!
+//! For a batch: evaluate every subscription's event and filters on each change; ask visibility
+//! once per (role + claims, table) for the rows of RLS tables in the whole batch; build each
+//! change's `data` once per shape (the set of columns a role may see, and `select`); wrap it with
+//! the channel's binding `ids`, encoding each distinct frame once and sharing it; push into the
+//! sockets' outboxes without waiting. The caller acknowledges the batch's last LSN afterwards.
+
+use super::payload::{self, Shape};
+use super::subscription::{EventFilter, TableAccess, TableBinding};
+use super::visibility::{self, Viewer};
+use crate::outbox::{Frame, Outbox};
+use crate::registry::{MemberId, Outgoing, Registry, TopicKey};
+use realtime_protocol::Vsn;
+use realtime_protocol::binary::PayloadEncoding;
+use realtime_wal_listener::{Change, OldTuple, Relation, Transaction, TupleValue};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use tracing::{debug, warn};
+
+/// One binding of one channel on one table.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    pub(crate) member: MemberId,
+    pub(crate) outbox: Outbox,
+    pub(crate) vsn: Vsn,
+    /// The channel's join topic.
+    pub(crate) topic: Arc<str>,
+    pub(crate) binding: TableBinding,
+    pub(crate) viewer: Arc<Viewer>,
+    /// The payload shape, computed once at subscribe time.
+    pub(crate) shape: Shape,
+}
+
+type TableSubs = Arc<Vec<Arc<Subscription>>>;
+
+/// Table OID → subscriptions, copy-on-write so a batch reads a snapshot without holding a lock.
+#[derive(Debug, Default)]
+pub(crate) struct Router {
+    tables: RwLock<HashMap<u32, TableSubs>>,
+    by_member: Mutex<HashMap<MemberId, Vec<u32>>>,
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Router {
+    /// Replaces a channel's subscriptions.
+    pub(crate) fn subscribe(&self, member: MemberId, subs: Vec<Subscription>) {
+        self.unsubscribe(member);
+        if subs.is_empty() {
+            return;
+        }
+        let mut tables = write(&self.tables);
+        let mut oids = Vec::new();
+        for sub in subs {
+            let oid = sub.binding.access.oid;
+            let entry = tables.entry(oid).or_default();
+            let mut next = Vec::with_capacity(entry.len() + 1);
+            next.extend(entry.iter().cloned());
+            next.push(Arc::new(sub));
+            *entry = Arc::new(next);
+            oids.push(oid);
+        }
+        lock(&self.by_member).insert(member, oids);
+    }
+
+    /// Removes a channel's subscriptions.
+    pub(crate) fn unsubscribe(&self, member: MemberId) {
+        let Some(mut oids) = lock(&self.by_member).remove(&member) else {
+            return;
+        };
+        oids.sort_unstable();
+        oids.dedup();
+        let mut tables = write(&self.tables);
+        for oid in oids {
+            let Some(entry) = tables.get_mut(&oid) else {
+                continue;
+            };
+            let next: Vec<_> = entry
+                .iter()
+                .filter(|s| s.member != member)
+                .cloned()
+                .collect();
+            if next.is_empty() {
+                tables.remove(&oid);
+            } else {
+                *entry = Arc::new(next);
+            }
+        }
+    }
+
+    fn snapshot(&self, oid: u32) -> Option<TableSubs> {
+        self.tables
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&oid)
+            .cloned()
+    }
+}
+
+/// What a batch did, for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct BatchStats {
+    pub(crate) changes: u64,
+    pub(crate) frames: u64,
+    pub(crate) dropped: u64,
+    pub(crate) visibility_queries: u64,
+    pub(crate) db_broadcasts: u64,
+}
+
+/// The rows of one table to check for one viewer: (viewer, table, primary keys).
+type PendingCheck = (Arc<Viewer>, Arc<TableAccess>, Vec<Vec<String>>);
+
+/// A change with the subscriptions whose event and filters it passes.
+struct Matched<'a> {
+    commit_time: i64,
+    relation: &'a Arc<Relation>,
+    change: &'a Change,
+    subs: Vec<Arc<Subscription>>,
+}
+
+/// Routes a batch of transactions. Every frame is queued when this returns.
+pub(crate) async fn route(
+    router: &Router,
+    registry: &Registry,
+    db: &super::Database,
+    batch: &[Transaction],
+    max_record_bytes: usize,
+) -> BatchStats {
+    let mut stats = BatchStats::default();
+    let mut matched: Vec<Matched<'_>> = Vec::new();
+    for tx in batch {
+        let commit_time = tx.commit_time.unix_micros();
+        for change in &tx.changes {
+            let relation = match change {
+                Change::Insert { relation, .. }
+                | Change::Update { relation, .. }
+                | Change::Delete { relation, .. } => relation,
+                _ => continue,
+            };
+            stats.changes += 1;
+            if let Change::Insert { new, .. } = change
+                && relation.schema == "realtime"
+                && relation.table.starts_with("messages")
+            {
+                stats.db_broadcasts += u64::from(broadcast_from_database(registry, relation, new));
+                continue;
+            }
+            let Some(subs) = router.snapshot(relation.id) else {
+                continue;
+            };
+            let passing: Vec<_> = subs
+                .iter()
+                .filter(|s| passes(&s.binding, relation, change))
+                .cloned()
+                .collect();
+            if !passing.is_empty() {
+                matched.push(Matched {
+                    commit_time,
+                    relation,
+                    change,
+                    subs: passing,
+                });
+            }
+        }
+    }
+    if matched.is_empty() {
+        return stats;
+    }
+
+    // Visibility: one query per (viewer, table) for all INSERT/UPDATE rows of RLS tables.
+    let mut checks: HashMap<(Arc<str>, u32), PendingCheck> = HashMap::new();
+    for m in &matched {
+        let Some(key) = rls_key(m) else { continue };
+        for sub in &m.subs {
+            if !needs_rls_check(sub) {
+                continue;
+            }
+            let entry = checks
+                .entry((sub.viewer.group.clone(), sub.binding.access.oid))
+                .or_insert_with(|| (sub.viewer.clone(), sub.binding.access.clone(), Vec::new()));
+            entry.2.push(key.clone());
+        }
+    }
+    let mut visible: HashMap<(Arc<str>, u32), HashSet<Vec<String>>> = HashMap::new();
+    for ((group, oid), (viewer, access, mut keys)) in checks {
+        keys.sort();
+        keys.dedup();
+        stats.visibility_queries += 1;
+        let seen = match visibility::visible_keys(db, &viewer, &access, &keys).await {
+            Ok(seen) => seen,
+            Err(e) => {
+                warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check failed: rows withheld");
+                HashSet::new()
+            }
+        };
+        visible.insert((group, oid), seen);
+    }
+
+    // Payloads and fan-out, in commit order.
+    for m in &matched {
+        let key = rls_key(m);
+        // (member, shape) → ids; keep first-seen order of channels.
+        let mut groups: Vec<(MemberId, usize, Vec<u32>, Arc<Subscription>)> = Vec::new();
+        let mut shapes: Vec<Shape> = Vec::new();
+        for sub in &m.subs {
+            if needs_rls_check(sub) {
+                let ok = key.as_ref().is_some_and(|k| {
+                    visible
+                        .get(&(sub.viewer.group.clone(), sub.binding.access.oid))
+                        .is_some_and(|set| set.contains(k))
+                });
+                if !ok {
+                    continue;
+                }
+            }
+            let shape_idx = match shapes.iter().position(|s| *s == sub.shape) {
+                Some(i) => i,
+                None => {
+                    shapes.push(sub.shape.clone());
+                    shapes.len() - 1
+                }
+            };
+            match groups
+                .iter_mut()
+                .find(|g| g.0 == sub.member && g.1 == shape_idx)
+            {
+                Some(g) => {
+                    if !g.2.contains(&sub.binding.binding_id) {
+                        g.2.push(sub.binding.binding_id);
+                    }
+                }
+                None => groups.push((
+                    sub.member,
+                    shape_idx,
+                    vec![sub.binding.binding_id],
+                    sub.clone(),
+                )),
+            }
+        }
+        let datas: Vec<String> = shapes
+            .iter()
+            .map(|shape| {
+                payload::data(shape, m.relation, m.change, m.commit_time, max_record_bytes)
+            })
+            .collect();
+        let mut frames: HashMap<(usize, Vec<u32>, Vsn, Arc<str>), Frame> = HashMap::new();
+        for (_, shape_idx, ids, sub) in groups {
+            let frame = frames
+                .entry((shape_idx, ids, sub.vsn, sub.topic.clone()))
+                .or_insert_with_key(|(_, ids, vsn, topic)| {
+                    let body = payload::message(ids, &datas[shape_idx]);
+                    Frame::text(vsn.encode(None, None, topic, "postgres_changes", &body))
+                })
+                .clone();
+            if sub.outbox.push(frame) {
+                stats.frames += 1;
+            } else {
+                stats.dropped += 1;
+            }
+        }
+    }
+    stats
+}
+
+/// Event filter and conditions: new row for INSERT/UPDATE, old identity for DELETE.
+fn passes(binding: &TableBinding, relation: &Relation, change: &Change) -> bool {
+    let wanted = matches!(
+        (binding.event, change),
+        (EventFilter::All, _)
+            | (EventFilter::Insert, Change::Insert { .. })
+            | (EventFilter::Update, Change::Update { .. })
+            | (EventFilter::Delete, Change::Delete { .. })
+    );
+    if !wanted {
+        return false;
+    }
+    binding.conditions.iter().all(|condition| {
+        let Some(i) = relation
+            .columns
+            .iter()
+            .position(|c| c.name == condition.column)
+        else {
+            return false;
+        };
+        let value = match change {
+            Change::Insert { new, .. } => new.get(i),
+            Change::Update { new, old, .. } => match new.get(i) {
+                Some(TupleValue::UnchangedToast) => match old {
+                    Some(OldTuple::Full(t)) => t.get(i),
+                    _ => None,
+                },
+                v => v,
+            },
+            Change::Delete { old: Some(old), .. } => match old {
+                OldTuple::Full(t) => t.get(i),
+                OldTuple::Key(t) if relation.columns[i].is_key => t.get(i),
+                OldTuple::Key(_) => None,
+            },
+            _ => None,
+        };
+        match value {
+            Some(TupleValue::Null) => condition.matches(None),
+            Some(v) => match v.as_str() {
+                Some(text) => condition.matches(Some(text)),
+                None => false,
+            },
+            None => false,
+        }
+    })
+}
+
+fn needs_rls_check(sub: &Subscription) -> bool {
+    sub.binding.access.rls && !sub.viewer.bypass_rls
+}
+
+/// The primary-key values (as text) of an INSERT/UPDATE row of an RLS table; `None` otherwise.
+fn rls_key(m: &Matched<'_>) -> Option<Vec<String>> {
+    let new = match m.change {
+        Change::Insert { new, .. } | Change::Update { new, .. } => new,
+        _ => return None,
+    };
+    let access = &m.subs.first()?.binding.access;
+    if !access.rls {
+        return None;
+    }
+    let mut key = Vec::new();
+    for pk in access.columns.iter().filter(|c| c.is_pk) {
+        let i = m.relation.columns.iter().position(|c| c.name == pk.name)?;
+        key.push(new.get(i)?.as_str()?.to_owned());
+    }
+    (!key.is_empty()).then_some(key)
+}
+
+/// An INSERT into `realtime.messages`: a broadcast from the database (`realtime.send`).
+fn broadcast_from_database(registry: &Registry, relation: &Relation, new: &[TupleValue]) -> bool {
+    let get = |name: &str| {
+        relation
+            .columns
+            .iter()
+            .position(|c| c.name == name)
+            .and_then(|i| new.get(i))
+    };
+    let text = |name: &str| get(name).and_then(TupleValue::as_str);
+    let (Some(topic), Some(event), Some(id), Some(private)) =
+        (text("topic"), text("event"), text("id"), text("private"))
+    else {
+        return false;
+    };
+    if text("extension") != Some("broadcast") || text("inserted_at").is_none() {
+        return false;
+    }
+    let private = private == "t";
+    let key = TopicKey {
+        private,
+        topic: Arc::from(format!("realtime:{topic}")),
+    };
+    let Some(topic) = registry.get(&key) else {
+        return true;
+    };
+    let meta = format!("{{\"id\":{}}}", realtime_protocol::frame::json_str(id));
+    let delivered = if let Some(payload) = text("payload") {
+        topic.publish(
+            &Outgoing::User {
+                event,
+                metadata: Some(&meta),
+                encoding: PayloadEncoding::Json,
+                payload: payload.as_bytes(),
+            },
+            None,
+        )
+    } else if let Some(hex) = text("binary_payload") {
+        let Some(bytes) = decode_bytea_hex(hex) else {
+            return false;
+        };
+        topic.publish(
+            &Outgoing::User {
+                event,
+                metadata: Some(&meta),
+                encoding: PayloadEncoding::Binary,
+                payload: &bytes,
+            },
+            None,
+        )
+    } else {
+        return false;
+    };
+    debug!(
+        delivered = delivered.delivered,
+        "broadcast from the database"
+    );
+    true
+}
+
+/// `\x0102…` → bytes.
+fn decode_bytea_hex(text: &str) -> Option<Vec<u8>> {
+    let hex = text.strip_prefix("\\x")?;
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytea_hex() {
+        assert_eq!(decode_bytea_hex("\\x0aff"), Some(vec![10, 255]));
+        assert_eq!(decode_bytea_hex("\\x0"), None);
+        assert_eq!(decode_bytea_hex("0a"), None);
+    }
+}

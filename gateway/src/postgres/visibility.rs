@@ -1,0 +1,140 @@
+//! Row visibility under RLS, batched: one query per (role + claims, table) for all rows of a batch
+//! of changes, never one per subscriber per change.
+//!
+//! The query runs as the subscriber's role with `request.jwt.claims` (and `.sub`, `.role`) set
+//! transaction-locally, and asks which of the changed primary keys the role can select now (after
+//! commit), as the reference server does. The transaction is rolled back.
+
+use super::subscription::TableAccess;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Who is looking: the role and claims of a channel's token.
+#[derive(Debug)]
+pub(crate) struct Viewer {
+    pub(crate) role: String,
+    /// `request.jwt.claims` as JSON text.
+    pub(crate) claims: String,
+    pub(crate) sub: Option<String>,
+    pub(crate) bypass_rls: bool,
+    /// Identity of the (role, claims) group: equal claims share one visibility query.
+    pub(crate) group: Arc<str>,
+}
+
+impl Viewer {
+    pub(crate) fn new(
+        role: String,
+        claims: &serde_json::Map<String, serde_json::Value>,
+        bypass_rls: bool,
+    ) -> Viewer {
+        let claims_text = serde_json::Value::Object(claims.clone()).to_string();
+        let sub = claims
+            .get("sub")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
+        let group = Arc::from(format!("{role}\u{0}{claims_text}"));
+        Viewer {
+            role,
+            claims: claims_text,
+            sub,
+            bypass_rls,
+            group,
+        }
+    }
+}
+
+/// Quotes an identifier for SQL.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The primary keys among `keys` (text values in primary-key column order) that `viewer` can
+/// select from the table.
+pub(crate) async fn visible_keys(
+    db: &super::Database,
+    viewer: &Viewer,
+    access: &TableAccess,
+    keys: &[Vec<String>],
+) -> Result<HashSet<Vec<String>>, String> {
+    let pk: Vec<_> = access.columns.iter().filter(|c| c.is_pk).collect();
+    if pk.is_empty() || keys.is_empty() {
+        return Ok(HashSet::new());
+    }
+    // select t."a"::text, t."b"::text from "s"."t" t
+    //   join unnest($1::text[], $2::text[]) as k(k0, k1) on t."a" = k.k0::<type> and …
+    let mut sql = String::from("select ");
+    for (i, c) in pk.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("t.{}::text", quote_ident(&c.name)));
+    }
+    sql.push_str(&format!(
+        " from {}.{} t join unnest(",
+        quote_ident(&access.schema),
+        quote_ident(&access.table)
+    ));
+    for i in 0..pk.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("${}::text[]", i + 1));
+    }
+    sql.push_str(") as k(");
+    for i in 0..pk.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!("k{i}"));
+    }
+    sql.push_str(") on ");
+    for (i, c) in pk.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(" and ");
+        }
+        sql.push_str(&format!(
+            "t.{} = k.k{i}::{}",
+            quote_ident(&c.name),
+            c.sql_type
+        ));
+    }
+    let columns: Vec<Vec<&str>> = (0..pk.len())
+        .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
+        .collect();
+
+    let mut client = db.exclusive().await?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| super::subscription::db_error_text(&e))?;
+    let sub = viewer.sub.clone().unwrap_or_default();
+    tx.execute(
+        "select set_config('role', $1, true), set_config('request.jwt.claims', $2, true), \
+         set_config('request.jwt.claim.sub', $3, true), set_config('request.jwt.claim.role', $1, true)",
+        &[&viewer.role, &viewer.claims, &sub],
+    )
+    .await
+    .map_err(|e| super::subscription::db_error_text(&e))?;
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
+        .iter()
+        .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect();
+    let rows = tx.query(&sql, &params).await;
+    let _ = tx.rollback().await;
+    let rows = match rows {
+        Ok(rows) => rows,
+        // The role may not select the table at all: nothing is visible.
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            return Ok(HashSet::new());
+        }
+        Err(e) => return Err(super::subscription::db_error_text(&e)),
+    };
+    Ok(rows
+        .iter()
+        .map(|row| {
+            (0..pk.len())
+                .map(|i| row.get::<_, Option<String>>(i).unwrap_or_default())
+                .collect()
+        })
+        .collect())
+}
