@@ -449,11 +449,11 @@ test('a member that tracks without any presence listener (presence.enabled false
   await observer.untilState((s) => !s.quiet, 3000, 'gone after untrack')
 })
 
-test('wire (V1): a track on a channel joined without presence.enabled gets its diff but no presence_state', async () => {
-  // The reference only pushes presence_state from the join (:sync_presence, realtime_channel.ex); the
-  // track handler (presence_handler.ex track/2) flips presence_enabled? and replies, nothing more. A V1
-  // app (realtime-js 2.11 never sends presence.enabled) therefore shows nobody unless the tenant enables
-  // presence: that is what PRESENCE_ENABLED is for.
+test('wire (V1): the first track on a channel joined without presence.enabled syncs the state once', async () => {
+  // The reference's current presence handler (supabase/realtime presence_handler.ex track/2) sends
+  // :sync_presence when a track is what enables presence on the channel: that channel never got the
+  // join-time presence_state, so without it the members tracked before would stay invisible. The
+  // protocol reference (v2.129.8) predates that change. Later tracks do not sync again.
   const name = room('wire-v1-track')
   const topic = `realtime:${name}`
   const sock = await rawSocket(gw, { vsn: '1.0.0' })
@@ -467,11 +467,15 @@ test('wire (V1): a track on a channel joined without presence.enabled gets its d
   sock.send({ ref: '2', topic, event: 'presence', payload: { type: 'presence', event: 'track', payload: { v: 1 } } })
   await sock.frames.find((f) => f.ref === '2' && f.event === 'phx_reply', 3000, 'the track reply')
   await sock.frames.find((f) => f.event === 'presence_diff', 3000, 'the own diff')
-  // a marker on the same socket, after everything the track could have caused
-  sock.send({ ref: '3', topic, event: 'broadcast', payload: { type: 'broadcast', event: 'marker', payload: {} } })
+  sock.send({ ref: '3', topic, event: 'presence', payload: { type: 'presence', event: 'track', payload: { v: 2 } } })
+  await sock.frames.find((f) => f.ref === '3' && f.event === 'phx_reply', 3000, 'the re-track reply')
+  // a marker on the same socket, after everything the tracks could have caused
+  sock.send({ ref: '4', topic, event: 'broadcast', payload: { type: 'broadcast', event: 'marker', payload: {} } })
   await sock.frames.find((f) => f.event === 'broadcast' && f.payload?.event === 'marker', 3000, 'the marker')
   const states = sock.frames.items.filter((f) => f.event === 'presence_state')
-  assert.deepEqual(states.map((f) => f.text), [], 'no presence_state after the join')
+  assert.equal(states.length, 1, 'exactly one presence_state, from the first track')
+  assert.deepEqual(Object.keys(states[0].payload), ['v1'])
+  assert.equal(states[0].payload.v1.metas[0].v, 1)
   await sock.close()
 })
 
