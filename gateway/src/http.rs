@@ -57,6 +57,7 @@ where
         + 'static,
     R::Future: Send,
 {
+    let shutdown = shared.shutdown.clone();
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let shared = shared.clone();
         let mut routes = routes.clone();
@@ -71,7 +72,16 @@ where
     let conn = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    let mut conn = std::pin::pin!(conn);
+    // On shutdown an idle keep-alive connection closes at once, a busy one after its response.
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
         debug!(error = %e, "http connection ended with an error");
     }
 }
