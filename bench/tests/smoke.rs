@@ -1,0 +1,90 @@
+//! A CI-sized run of every scenario against the limit server (a child process) and the gateway
+//! (in-process on 127.0.0.1:0): tiny sizes, well under a second each, no timing assertions.
+
+use realtime_bench::scenario::{broadcast, idle, presence};
+use realtime_bench::servers::{DEV_SECRET, Target};
+use std::path::Path;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+async fn gateway(stop: &CancellationToken) -> Target {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let config = realtime_gateway::Config::for_tests(DEV_SECRET);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        realtime_gateway::run(config, listener, stop.cancelled_owned())
+            .await
+            .unwrap();
+    });
+    Target::attach("gateway", &addr, Some(std::process::id()), DEV_SECRET)
+}
+
+fn limit_server() -> Target {
+    Target::spawn(
+        "limit-server",
+        Path::new(env!("CARGO_BIN_EXE_limit-server")),
+        &[],
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_against_both_servers() {
+    let stop = CancellationToken::new();
+    let targets = [gateway(&stop).await, limit_server()];
+    for target in &targets {
+        let name = &target.name;
+        let plans = [
+            broadcast::Plan::fanout(5, 20.0, 100, 0.3),
+            broadcast::Plan::fanout(3, 10.0, 10_240, 0.3),
+            broadcast::Plan::echo_and_groups(12, 100, 1.2),
+            broadcast::Plan::large_fanout(20, 10, 10.0, 100, 0.3),
+        ];
+        for mut plan in plans {
+            plan.drain = Duration::from_millis(300);
+            let o = broadcast::run(target, &plan).await.unwrap();
+            assert!(o.sent > 0, "{name}: nothing sent: {o:?}");
+            assert!(o.delivered > 0, "{name}: nothing delivered: {o:?}");
+            assert_eq!(o.errors, 0, "{name}: {o:?}");
+        }
+        let o = idle::run(target, 20, 3, Duration::from_millis(300))
+            .await
+            .unwrap();
+        assert_eq!(o.lost, 0, "{name}: {o:?}");
+        let o = presence::run(target, 10, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(o.converged_members, 10, "{name}: {o:?}");
+        assert_eq!(o.track_errors, 0, "{name}: {o:?}");
+    }
+    stop.cancel();
+}
+
+#[test]
+fn the_command_line_prints_json() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_realtime-bench"));
+    let out = std::process::Command::new(bin)
+        .args([
+            "--servers",
+            "limit",
+            "fanout",
+            "--subscribers",
+            "3",
+            "--rates",
+            "10",
+            "--seconds",
+            "0.3",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["scenario"], "fanout");
+    assert!(doc["steps"][0]["results"][0]["delivered"].as_u64() > Some(0));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("summary: fanout"));
+}
