@@ -3,7 +3,8 @@
 // `startPostgres()` finds initdb / pg_ctl (PATH, else the newest /usr/lib/postgresql/*/bin), creates a
 // cluster in a fresh directory under os.tmpdir() (owned by the unprivileged user `postgres` when we run
 // as root, as CI does: the server refuses to run as root), configured for logical replication
-// (wal_level=logical, 20 slots / senders, fsync off, UTC), listening on 127.0.0.1 on a free port with its
+// (wal_level=logical, 20 slots / senders, fsync off, UTC, track_commit_timestamp on so tests can
+// read a transaction's commit time), listening on 127.0.0.1 on a free port with its
 // unix socket in that directory. It creates database `app`, applies supabase/migrations/*.sql and
 // supabase/seed.sql, and returns `{ url, sql, connect, stop, ... }`. `stop()` (pg_ctl stop -m immediate,
 // then the directory is removed) also runs at process exit, so a failing file leaves nothing behind.
@@ -99,6 +100,7 @@ export async function startPostgres({ supabase = true } = {}) {
         `max_wal_senders = 20`,
         `max_connections = 200`,
         `fsync = off`,
+        `track_commit_timestamp = on`,
         `synchronous_commit = off`,
         `full_page_writes = off`,
         `timezone = 'UTC'`,
@@ -252,3 +254,37 @@ export async function pgJoined(client, name, bindings, options) {
 
 /** `YYYY-MM-DDTHH:MM:SS.mmmZ` */
 export const COMMIT_TIMESTAMP = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z$/
+
+/**
+ * Joins `realtime:<name>` on a raw socket (`lib/raw.mjs`) with `entries` as `config.postgres_changes`,
+ * exactly as realtime-js 2.119.1 builds the join. Resolves with `{ topic, ref, reply }` (the phx_reply
+ * frame); the caller reads later frames from `sock.frames`.
+ */
+export async function rawPgJoin(sock, name, entries, { accessToken, timeoutMs = 10_000 } = {}) {
+  const ref = sock.nextRef()
+  const topic = `realtime:${name}`
+  sock.send({
+    join_ref: ref,
+    ref,
+    topic,
+    event: 'phx_join',
+    payload: {
+      config: {
+        broadcast: { ack: false, self: false },
+        presence: { key: '', enabled: false },
+        postgres_changes: entries,
+        private: false,
+      },
+      ...(accessToken ? { access_token: accessToken } : {}),
+    },
+  })
+  const reply = await sock.frames.find(
+    (f) => f.topic === topic && f.event === 'phx_reply' && f.ref === ref,
+    timeoutMs,
+    `phx_reply to the join of ${topic}`,
+  )
+  return { topic, ref, reply }
+}
+
+/** The `postgres_changes` frames a raw socket received on `topic`. */
+export const rawChanges = (sock, topic) => sock.frames.items.filter((f) => f.topic === topic && f.event === 'postgres_changes')
