@@ -10,9 +10,11 @@
 //! server, without holding up the socket: the delayed reply is queued by a small timer task.
 
 use crate::auth::{AuthError, Claims, now_seconds};
+use crate::authorization;
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox};
-use crate::registry::{Member, MemberId, Outgoing, Topic, TopicKey};
+use crate::registry::{Member, MemberId, Outgoing, ReadAccess, Topic, TopicKey};
+use crate::replay;
 use crate::socket::SocketParams;
 use crate::state::Shared;
 use bytes::Bytes;
@@ -24,7 +26,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
 const PHOENIX_TOPIC: &str = "phoenix";
 const TOPIC_PREFIX: &str = "realtime:";
@@ -56,6 +58,13 @@ struct Channel {
     presence_window_ends: Option<Instant>,
     /// `config.postgres_changes` entries with their binding ids (re-resolved on token refresh).
     pg_entries: Vec<(serde_json::Value, u32)>,
+    /// A private channel: permissions come from RLS on realtime.messages.
+    private: bool,
+    /// Read permissions, shared with the registry's fan-out.
+    read: Arc<ReadAccess>,
+    /// Write permissions, checked at first use and until the next token refresh.
+    broadcast_write: Option<bool>,
+    presence_write: Option<bool>,
 }
 
 /// The channels of one socket.
@@ -137,7 +146,7 @@ impl Channels {
             Vsn::V2 => binary::decode(&bytes),
         };
         match decoded {
-            Ok(push) => self.broadcast_binary(push),
+            Ok(push) => self.broadcast_binary(push).await,
             Err(e) => {
                 Metrics::add(&self.shared.metrics.malformed_in, 1);
                 debug!(error = %e, "malformed binary frame dropped");
@@ -183,13 +192,13 @@ impl Channels {
         }
         match m.event.as_str() {
             "phx_leave" => self.leave(&m),
-            "broadcast" => self.broadcast_json(&m),
+            "broadcast" => self.broadcast_json(&m).await,
             "access_token" => {
                 if let Some(token) = payload::parse_access_token(&m.payload) {
                     self.refresh_token(&m.topic, token).await;
                 }
             }
-            "presence" => self.presence(&m),
+            "presence" => self.presence(&m).await,
             // Unknown events on a joined channel are ignored without a reply, as the reference does.
             _ => debug!(event = %m.event, "unknown channel event ignored"),
         }
@@ -236,6 +245,12 @@ impl Channels {
         if sub_topic.is_empty() {
             return refuse(self, "TopicNameRequired: You must provide a topic name");
         }
+        if shared.config.private_only && !join.private {
+            return refuse(
+                self,
+                "PrivateOnly: This project only allows private channels",
+            );
+        }
         if self.by_topic.len() >= shared.config.max_channels_per_client {
             return refuse(self, "ChannelRateLimitReached: Too many channels");
         }
@@ -247,15 +262,58 @@ impl Channels {
             Ok(claims) => claims,
             Err(e) => return refuse(self, &e.join_reason()),
         };
-        if join.private {
-            return refuse(self, &shared.private_channels_unavailable());
-        }
-        if join.broadcast.replay.is_some() {
-            return refuse(
-                self,
-                "UnableToReplayMessages: Replay is not allowed for public channels",
-            );
-        }
+        let presence_enabled = join.presence.enabled || shared.config.presence_enabled;
+        // Private channels: read permissions from RLS on realtime.messages.
+        let read = if join.private {
+            let Some(pg) = &shared.postgres else {
+                return refuse(self, &shared.private_channels_unavailable());
+            };
+            let claims_json = claims_text(&claims);
+            let ctx = self.authz_context(&claims, &claims_json, &sub_topic);
+            match authorization::read(&pg.db, &ctx, presence_enabled).await {
+                Ok((broadcast, presence)) if broadcast || presence == Some(true) => {
+                    ReadAccess::new(broadcast, presence == Some(true))
+                }
+                Ok(_) => {
+                    debug!(topic = %m.topic, role = %claims.role, "private join refused: no read policy grants broadcast or presence");
+                    return refuse(self, &authorization::unauthorized(&sub_topic));
+                }
+                Err(e) => {
+                    warn!(topic = %m.topic, error = ?e, "private join refused: read check failed");
+                    return refuse(self, &e.join_reason(&sub_topic));
+                }
+            }
+        } else {
+            ReadAccess::public()
+        };
+        let replayed = match &join.broadcast.replay {
+            None => Vec::new(),
+            Some(_) if !join.private => {
+                return refuse(
+                    self,
+                    "UnableToReplayMessages: Replay is not allowed for public channels",
+                );
+            }
+            Some(replay) => {
+                let (Some(since), Some(pg)) = (replay.since.as_i64(), &shared.postgres) else {
+                    return refuse(self, "UnableToReplayMessages: Replay params are not valid");
+                };
+                if !read.broadcast() {
+                    return refuse(self, &authorization::unauthorized(&sub_topic));
+                }
+                let limit = replay.limit.as_i64().unwrap_or(25);
+                match replay::load(&pg.db, &sub_topic, since, limit).await {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        warn!(topic = %m.topic, error = %e, "replay failed");
+                        return refuse(
+                            self,
+                            "UnableToReplayMessages: Realtime was unable to replay messages",
+                        );
+                    }
+                }
+            }
+        };
 
         let key = TopicKey {
             private: join.private,
@@ -265,9 +323,9 @@ impl Channels {
             id: shared.registry.next_member_id(),
             outbox: self.outbox.clone(),
             vsn: self.vsn(),
+            read: read.clone(),
         };
         let member_id = member.id;
-        let presence_enabled = join.presence.enabled || shared.config.presence_enabled;
         let presence_key: Arc<str> = if join.presence.key.is_empty() {
             Arc::from(generated_presence_key().as_str())
         } else {
@@ -304,10 +362,13 @@ impl Channels {
                 "phx_reply",
                 &reply,
             );
+            for row in &replayed {
+                self.send_replayed(join_ref.as_ref(), &m.topic, row);
+            }
             if let Some(system) = &system {
                 self.send(join_ref.as_ref(), None, &m.topic, "system", system);
             }
-            if presence_enabled {
+            if presence_enabled && read.presence() {
                 self.send(
                     join_ref.as_ref(),
                     None,
@@ -337,6 +398,10 @@ impl Channels {
             presence_calls: 0,
             presence_window_ends: None,
             pg_entries,
+            private: join.private,
+            read,
+            broadcast_write: None,
+            presence_write: None,
         };
         self.by_topic.insert(m.topic, channel);
     }
@@ -390,7 +455,11 @@ impl Channels {
     }
 
     /// A JSON `broadcast` push: relayed verbatim to the topic's members.
-    fn broadcast_json(&self, m: &Inbound) {
+    async fn broadcast_json(&mut self, m: &Inbound) {
+        if !self.may_write(&m.topic, Extension::Broadcast).await {
+            // Write denied: dropped without any reply, even with ack (the reference's behaviour).
+            return;
+        }
         let Some(channel) = self.by_topic.get(&m.topic) else {
             return;
         };
@@ -419,7 +488,12 @@ impl Channels {
     }
 
     /// A kind-3 binary push: fanned out as a user broadcast. Client metadata is not forwarded.
-    fn broadcast_binary(&self, push: BinaryPush) {
+    async fn broadcast_binary(&mut self, push: BinaryPush) {
+        if self.by_topic.contains_key(&push.topic)
+            && !self.may_write(&push.topic, Extension::Broadcast).await
+        {
+            return;
+        }
         let Some(channel) = self.by_topic.get(&push.topic) else {
             let reply = payload::reply_error_reason("unmatched topic");
             return self.send(
@@ -492,6 +566,14 @@ impl Channels {
         channel.expires_at = expiry_instant(claims.exp);
         channel.claims = claims;
         channel.token = token;
+        channel.broadcast_write = None;
+        channel.presence_write = None;
+        if channel.private && !self.reauthorize_read(topic).await {
+            return;
+        }
+        let Some(channel) = self.by_topic.get(topic) else {
+            return;
+        };
         // Postgres Changes follow the new claims: re-subscribe, and say so again.
         if channel.pg_entries.is_empty() {
             return;
@@ -573,7 +655,7 @@ impl Channels {
     }
 
     /// A `presence` push: track or untrack this channel's presence.
-    fn presence(&mut self, m: &Inbound) {
+    async fn presence(&mut self, m: &Inbound) {
         let config = &self.shared.config;
         let push = PresencePush::parse(&m.payload);
         if push == PresencePush::NoEvent {
@@ -598,6 +680,13 @@ impl Channels {
                     Some(now + Duration::from_millis(config.client_presence_window_ms));
             }
         }
+        if matches!(push, PresencePush::Track(_)) && !self.may_track(&m.topic).await {
+            return self.reply(&m.topic, m.msg_ref.as_ref(), &payload::reply_error(EMPTY));
+        }
+        let config = &self.shared.config;
+        let Some(channel) = self.by_topic.get_mut(&m.topic) else {
+            return;
+        };
         match push {
             PresencePush::Track(meta) => {
                 let meta = meta.unwrap_or_else(|| serde_json::Value::Object(Default::default()));
@@ -617,12 +706,13 @@ impl Channels {
                 channel.tracked = Some(body.clone());
                 let topic = channel.topic.clone();
                 let join_ref = channel.join_ref.clone();
+                let may_read = channel.read.presence();
                 // A track that enables presence syncs the full state, or members tracked before
                 // stay invisible to this client.
                 topic.presence(
                     |state| state.track(member, &key, &body),
                     |state| {
-                        if sync {
+                        if sync && may_read {
                             self.send(
                                 join_ref.as_ref(),
                                 None,
@@ -649,6 +739,167 @@ impl Channels {
         self.reply(&m.topic, m.msg_ref.as_ref(), &payload::reply_ok(EMPTY));
     }
 
+    /// The RLS context of a channel's checks.
+    fn authz_context<'a>(
+        &'a self,
+        claims: &'a Claims,
+        claims_json: &'a str,
+        sub_topic: &'a str,
+    ) -> authorization::Context<'a> {
+        authorization::Context {
+            role: &claims.role,
+            claims: claims_json,
+            sub: claims.all.get("sub").and_then(|v| v.as_str()).unwrap_or(""),
+            topic: sub_topic,
+            headers: &self.params.headers,
+        }
+    }
+
+    /// Whether the channel may write `extension` (public channels always may). A private
+    /// channel's answer is checked once and kept until the next token refresh; errors deny
+    /// without being kept.
+    async fn may_write(&mut self, topic: &str, extension: Extension) -> bool {
+        let Some(channel) = self.by_topic.get(topic) else {
+            return false;
+        };
+        if !channel.private {
+            return true;
+        }
+        let cached = match extension {
+            Extension::Broadcast => channel.broadcast_write,
+            Extension::Presence => channel.presence_write,
+        };
+        if let Some(allowed) = cached {
+            return allowed;
+        }
+        let Some(pg) = self.shared.postgres.clone() else {
+            return false;
+        };
+        let (claims, sub_topic) = (channel.claims.clone(), channel.sub_topic.clone());
+        let claims_json = claims_text(&claims);
+        let ctx = self.authz_context(&claims, &claims_json, &sub_topic);
+        let result = authorization::write(&pg.db, &ctx, extension.name()).await;
+        match result {
+            Ok(allowed) => {
+                if let Some(channel) = self.by_topic.get_mut(topic) {
+                    match extension {
+                        Extension::Broadcast => channel.broadcast_write = Some(allowed),
+                        Extension::Presence => channel.presence_write = Some(allowed),
+                    }
+                }
+                if !allowed {
+                    debug!(topic, extension = extension.name(), "write denied by RLS");
+                }
+                allowed
+            }
+            Err(e) => {
+                warn!(topic, extension = extension.name(), error = ?e, "write check failed");
+                false
+            }
+        }
+    }
+
+    /// Whether a private channel may track presence: presence read is checked first when the
+    /// join did not (presence was off), then presence write.
+    async fn may_track(&mut self, topic: &str) -> bool {
+        let Some(channel) = self.by_topic.get(topic) else {
+            return false;
+        };
+        if !channel.private {
+            return true;
+        }
+        if !channel.presence_enabled && channel.presence_write.is_none() {
+            let Some(pg) = self.shared.postgres.clone() else {
+                return false;
+            };
+            let (claims, sub_topic) = (channel.claims.clone(), channel.sub_topic.clone());
+            let claims_json = claims_text(&claims);
+            let ctx = self.authz_context(&claims, &claims_json, &sub_topic);
+            if let Ok((broadcast, presence)) = authorization::read(&pg.db, &ctx, true).await
+                && let Some(channel) = self.by_topic.get(topic)
+            {
+                channel.read.set(broadcast, presence == Some(true));
+            }
+        }
+        self.may_write(topic, Extension::Presence).await
+    }
+
+    /// Re-runs a private channel's read check after a token refresh. Returns false when the
+    /// channel was ended.
+    async fn reauthorize_read(&mut self, topic: &str) -> bool {
+        let Some(channel) = self.by_topic.get(topic) else {
+            return false;
+        };
+        let Some(pg) = self.shared.postgres.clone() else {
+            return true;
+        };
+        let (claims, sub_topic) = (channel.claims.clone(), channel.sub_topic.clone());
+        let (had_broadcast, check_presence) = (channel.read.broadcast(), channel.presence_enabled);
+        let claims_json = claims_text(&claims);
+        let ctx = self.authz_context(&claims, &claims_json, &sub_topic);
+        match authorization::read(&pg.db, &ctx, check_presence).await {
+            Ok((broadcast, presence)) if broadcast || presence == Some(true) => {
+                if let Some(channel) = self.by_topic.get(topic) {
+                    channel.read.set(broadcast, presence == Some(true));
+                }
+                true
+            }
+            Ok(_) => {
+                let message = if had_broadcast {
+                    format!(
+                        "You no longer have permission to read from this Channel topic: {sub_topic}"
+                    )
+                } else {
+                    format!(
+                        "You do not have permissions to read from this Channel topic: {sub_topic}"
+                    )
+                };
+                self.shut_down(topic, &message);
+                false
+            }
+            Err(e) => {
+                warn!(topic, error = ?e, "read check after token refresh failed");
+                self.shut_down(
+                    topic,
+                    "Realtime was unable to connect to the project database",
+                );
+                false
+            }
+        }
+    }
+
+    /// A replayed broadcast, pushed after the join reply with `meta.replayed`.
+    fn send_replayed(&self, join_ref: Option<&Ref>, topic: &str, row: &replay::Row) {
+        let meta = format!(
+            "{{\"replayed\":true,\"id\":{}}}",
+            realtime_protocol::frame::json_str(&row.id)
+        );
+        match (&row.payload, &row.binary) {
+            (Some(json), _) => {
+                let mut body = String::from("{\"type\":\"broadcast\",\"event\":");
+                body.push_str(&realtime_protocol::frame::json_str(&row.event));
+                body.push_str(",\"payload\":");
+                body.push_str(json);
+                body.push_str(",\"meta\":");
+                body.push_str(&meta);
+                body.push('}');
+                self.send(join_ref, None, topic, "broadcast", &body);
+            }
+            (None, Some(bytes)) if self.vsn() == Vsn::V2 => {
+                if let Ok(frame) = binary::encode_user_broadcast(
+                    topic,
+                    &row.event,
+                    meta.as_bytes(),
+                    realtime_protocol::binary::PayloadEncoding::Binary,
+                    bytes,
+                ) {
+                    self.outbox.push(Frame::Binary(frame));
+                }
+            }
+            _ => {}
+        }
+    }
+
     /// A `phx_reply` on a joined channel.
     fn reply(&self, topic: &str, msg_ref: Option<&Ref>, body: &str) {
         let join_ref = self.by_topic.get(topic).and_then(|c| c.join_ref.as_ref());
@@ -669,6 +920,27 @@ fn generated_presence_key() -> String {
     static NODE: OnceLock<[u8; 6]> = OnceLock::new();
     let node = NODE.get_or_init(rand::random::<[u8; 6]>);
     uuid::Uuid::now_v1(node).to_string()
+}
+
+/// What a private channel writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Extension {
+    Broadcast,
+    Presence,
+}
+
+impl Extension {
+    fn name(self) -> &'static str {
+        match self {
+            Extension::Broadcast => "broadcast",
+            Extension::Presence => "presence",
+        }
+    }
+}
+
+/// The claims as the JSON text RLS reads from `request.jwt.claims`.
+fn claims_text(claims: &Claims) -> String {
+    serde_json::Value::Object((*claims.all).clone()).to_string()
 }
 
 /// The instant a token with expiry `exp` (epoch seconds) expires.

@@ -133,6 +133,10 @@ pub struct Config {
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
 
+    /// Refuse joins of public channels (the reference's tenant flag `private_only`).
+    #[arg(long, env = "PRIVATE_ONLY", default_value_t = false)]
+    pub private_only: bool,
+
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

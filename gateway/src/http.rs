@@ -140,9 +140,16 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>) -> WarpRespons
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED);
         return json(status, &serde_json::json!({ "error": message }).to_string());
     }
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with("x-"))
+        .filter_map(|(name, value)| Some((name.as_str().to_owned(), value.to_str().ok()?.into())))
+        .collect();
     let params = SocketParams {
         vsn,
         connect_token: token.unwrap_or_default(),
+        headers: serde_json::Value::Object(headers).to_string(),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = WebSocketConfig::default()

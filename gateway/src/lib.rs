@@ -16,6 +16,7 @@
 //! [`run`] is the whole gateway; `main.rs` only wires it to the process.
 
 pub mod auth;
+mod authorization;
 mod channel;
 pub mod config;
 mod http;
@@ -24,6 +25,7 @@ mod outbox;
 mod postgres;
 mod presence;
 mod registry;
+mod replay;
 mod rest;
 mod socket;
 mod state;

@@ -14,7 +14,7 @@ use realtime_protocol::{Vsn, payload};
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const SHARDS: usize = 64;
@@ -38,6 +38,43 @@ pub(crate) struct Member {
     pub(crate) id: MemberId,
     pub(crate) outbox: Outbox,
     pub(crate) vsn: Vsn,
+    /// What the channel may receive (private channels: from RLS; public: everything).
+    pub(crate) read: Arc<ReadAccess>,
+}
+
+/// Read permissions of a channel, shared by the channel (which re-checks them on token
+/// refresh) and the fan-out (which skips members that may not read).
+#[derive(Debug)]
+pub(crate) struct ReadAccess {
+    broadcast: AtomicBool,
+    presence: AtomicBool,
+}
+
+impl ReadAccess {
+    pub(crate) fn new(broadcast: bool, presence: bool) -> Arc<ReadAccess> {
+        Arc::new(ReadAccess {
+            broadcast: AtomicBool::new(broadcast),
+            presence: AtomicBool::new(presence),
+        })
+    }
+
+    /// A public channel reads everything.
+    pub(crate) fn public() -> Arc<ReadAccess> {
+        ReadAccess::new(true, true)
+    }
+
+    pub(crate) fn set(&self, broadcast: bool, presence: bool) {
+        self.broadcast.store(broadcast, Ordering::Relaxed);
+        self.presence.store(presence, Ordering::Relaxed);
+    }
+
+    pub(crate) fn broadcast(&self) -> bool {
+        self.broadcast.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn presence(&self) -> bool {
+        self.presence.load(Ordering::Relaxed)
+    }
 }
 
 /// A message to fan out to a topic's members.
@@ -177,7 +214,13 @@ impl Topic {
     /// Fans a message out to every member but `skip`.
     pub(crate) fn publish(&self, message: &Outgoing<'_>, skip: Option<MemberId>) -> Delivery {
         let inner = lock(&self.inner);
-        fan_out(&self.key, &inner.members, message, skip)
+        fan_out(
+            &self.key,
+            &inner.members,
+            message,
+            skip,
+            ReadAccess::broadcast,
+        )
     }
 
     /// Changes the presence state; a resulting diff goes to every member as `presence_diff`.
@@ -213,6 +256,7 @@ fn publish_diff(key: &TopicKey, inner: &TopicInner, diff: &Diff) -> Delivery {
             payload: &payload,
         },
         None,
+        ReadAccess::presence,
     )
 }
 
@@ -221,11 +265,12 @@ fn fan_out(
     members: &[Member],
     message: &Outgoing<'_>,
     skip: Option<MemberId>,
+    may_read: fn(&ReadAccess) -> bool,
 ) -> Delivery {
     let mut encoded = Encoded::default();
     let mut delivery = Delivery::default();
     for member in members {
-        if Some(member.id) == skip {
+        if Some(member.id) == skip || !may_read(&member.read) {
             continue;
         }
         let Some(frame) = encoded.get(&key.topic, member.vsn, message) else {
@@ -319,11 +364,13 @@ mod tests {
             id: registry.next_member_id(),
             outbox: o1,
             vsn: Vsn::V1,
+            read: ReadAccess::public(),
         };
         let b = Member {
             id: registry.next_member_id(),
             outbox: o2,
             vsn: Vsn::V2,
+            read: ReadAccess::public(),
         };
         let topic = registry.join(key("room1"), a.clone(), |_| {});
         registry.join(key("room1"), b.clone(), |_| {});
@@ -389,6 +436,7 @@ mod tests {
             id: registry.next_member_id(),
             outbox: o,
             vsn: Vsn::V2,
+            read: ReadAccess::public(),
         };
         let t = registry.join(key("a"), m.clone(), |_| {});
         assert_eq!(registry.topic_count(), 1);

@@ -62,9 +62,11 @@ pub(crate) fn routes(
         .and(warp::header::headers_cloned())
         .and(warp::body::bytes())
         .and(with_shared.clone())
-        .map(|headers: HeaderMap, body: Bytes, shared: Arc<Shared>| {
-            broadcast_batch(&shared, &headers, &body)
-        });
+        .then(
+            |headers: HeaderMap, body: Bytes, shared: Arc<Shared>| async move {
+                broadcast_batch(&shared, &headers, &body).await
+            },
+        );
     let single = api
         .and(warp::path!("broadcast" / String / "events" / String))
         .and(warp::post())
@@ -73,14 +75,14 @@ pub(crate) fn routes(
         .and(warp::header::headers_cloned())
         .and(warp::body::bytes())
         .and(with_shared)
-        .map(
+        .then(
             |topic: String,
              event: String,
              query: String,
              headers: HeaderMap,
              body: Bytes,
-             shared: Arc<Shared>| {
-                broadcast_single(&shared, &topic, &event, &query, &headers, body)
+             shared: Arc<Shared>| async move {
+                broadcast_single(&shared, &topic, &event, &query, &headers, body).await
             },
         );
     let cors = warp::cors()
@@ -159,8 +161,35 @@ fn authenticate(shared: &Shared, headers: &HeaderMap) -> Option<Claims> {
     shared.verifier.verify(token).ok()
 }
 
+/// Whether the caller may broadcast to a private topic (RLS write check); no database, no.
+async fn may_write(shared: &Shared, claims: &Claims, headers: &HeaderMap, topic: &str) -> bool {
+    let Some(pg) = &shared.postgres else {
+        return false;
+    };
+    let claims_json = Value::Object((*claims.all).clone()).to_string();
+    let request_headers: serde_json::Map<String, Value> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), Value::from(v.to_str().ok()?))))
+        .collect();
+    let request_headers = Value::Object(request_headers).to_string();
+    let ctx = crate::authorization::Context {
+        role: &claims.role,
+        claims: &claims_json,
+        sub: claims.all.get("sub").and_then(Value::as_str).unwrap_or(""),
+        topic,
+        headers: &request_headers,
+    };
+    match crate::authorization::write(&pg.db, &ctx, "broadcast").await {
+        Ok(allowed) => allowed,
+        Err(e) => {
+            tracing::warn!(topic, error = ?e, "REST write check failed");
+            false
+        }
+    }
+}
+
 /// `POST /api/broadcast`: `{"messages":[{topic, event, payload, private?, id?}]}`.
-fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
     #[derive(Deserialize)]
     struct Batch<'a> {
         #[serde(borrow, default)]
@@ -187,9 +216,9 @@ fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Respons
         id: Option<String>,
     }
 
-    if authenticate(shared, headers).is_none() {
+    let Some(claims) = authenticate(shared, headers) else {
         return unauthorized();
-    }
+    };
     let blank = || {
         json_response(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -295,14 +324,23 @@ fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Respons
             &json!({"errors": {"messages": errors}}),
         );
     }
+    // Private messages: each topic's write policy is checked once with the caller's claims;
+    // topics that fail are skipped silently (the request still succeeds), as the reference does.
+    let mut allowed: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    for m in valid.iter().filter(|m| m.private) {
+        if !allowed.contains_key(&m.topic) {
+            let ok = may_write(shared, &claims, headers, &m.topic).await;
+            allowed.insert(m.topic.clone(), ok);
+        }
+    }
     for m in valid {
         Metrics::add(&shared.metrics.rest_broadcasts_total, 1);
-        if m.private {
-            debug!(topic = %m.topic, "private REST broadcast skipped: write permission cannot be checked without a database");
+        if m.private && allowed.get(&m.topic) != Some(&true) {
+            debug!(topic = %m.topic, "private REST broadcast skipped: write denied");
             continue;
         }
         let key = TopicKey {
-            private: false,
+            private: m.private,
             topic: Arc::from(format!("realtime:{}", m.topic)),
         };
         let Some(topic) = shared.registry.get(&key) else {
@@ -324,7 +362,7 @@ fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Respons
 
 /// `POST /api/broadcast/:topic/events/:event[?private=true]`: the body is the user payload,
 /// JSON or raw bytes, delivered as a user broadcast.
-fn broadcast_single(
+async fn broadcast_single(
     shared: &Shared,
     topic: &str,
     event: &str,
@@ -360,9 +398,9 @@ fn broadcast_single(
             );
         }
     };
-    if authenticate(shared, headers).is_none() {
+    let Some(claims) = authenticate(shared, headers) else {
         return unauthorized();
-    }
+    };
     let invalid = |field: &str, message: &str| {
         json_response(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -381,7 +419,7 @@ fn broadcast_single(
     if encoding == PayloadEncoding::Json && serde_json::from_slice::<&RawValue>(&body).is_err() {
         return invalid("payload", "is invalid");
     }
-    if private {
+    if private && !may_write(shared, &claims, headers, &topic).await {
         return json_response(StatusCode::FORBIDDEN, &json!({"message": "Unauthorized"}));
     }
     Metrics::add(&shared.metrics.rest_broadcasts_total, 1);

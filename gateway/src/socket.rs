@@ -34,6 +34,8 @@ pub(crate) struct SocketParams {
     pub(crate) vsn: Vsn,
     /// The connect token (`x-api-key` or `apikey`): the channel token when a join has none.
     pub(crate) connect_token: String,
+    /// The client's `x-*` headers as a JSON object, as RLS sees them in `request.headers`.
+    pub(crate) headers: String,
 }
 
 /// Serves one upgraded connection until it closes.
