@@ -517,7 +517,7 @@ impl Listener {
         st: &mut StreamState,
         tx: Transaction,
         shutdown: &CancellationToken,
-) -> Result<Option<SessionEnd>, Error> {
+    ) -> Result<Option<SessionEnd>, Error> {
         let permit = loop {
             tokio::select! {
                 biased;

@@ -215,7 +215,8 @@ impl ReplicationConn {
         }
     }
 
-    fn try_frame(&mut self) -> Result<Option<Frame>, Error> {
+    /// Takes one complete message from the read buffer, if there is one; never waits.
+    pub(crate) fn try_frame(&mut self) -> Result<Option<Frame>, Error> {
         if self.rbuf.len() < 5 {
             return Ok(None);
         }
