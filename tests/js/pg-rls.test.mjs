@@ -189,3 +189,43 @@ test('DELETE on an RLS table reaches every subscriber, old holding only the prim
     { alice: [[{ id: 2 }, {}]], bob: [[{ id: 2 }, {}]], service_role: [[{ id: 2 }, {}]] },
   )
 })
+
+test('every row a user may see arrives: 150 single-row transactions on an RLS table, paced and back to back', async () => {
+  const [A, C] = [randomUUID(), randomUUID()]
+  const sub = await pgJoined((await appWithToken(userToken(A))).supabase, room('every'), [
+    { event: 'INSERT', schema: 'public', table: 'messages', filter: 'room_id=eq.every-row' },
+  ])
+  const writer = await db.connect()
+  const sent = []
+  for (let i = 0; i < 150; i++) {
+    const [row] = (
+      await writer.query(`insert into public.messages (sender_id, room_id, content) values ($1, 'every-row', $2) returning id`, [
+        C,
+        `row ${i}`,
+      ])
+    ).rows
+    sent.push(Number(row.id))
+    if (i < 75 && i % 3 === 0) await new Promise((r) => setTimeout(r, 10)) // some paced, the rest back to back
+  }
+  // wait for the last row (or everything); then what is missing is missing
+  await sub.events[0]
+    .until((items) => items.length >= sent.length || items.some((e) => e.new.id === sent.at(-1)), 10_000, 'the last row')
+    .catch(() => {})
+  const got = sub.events[0].items.map((e) => e.new.id)
+  const missing = sent.filter((id) => !got.includes(id))
+  // the policy does let this user select the missing rows (checked now, as the user)
+  await writer.query('begin')
+  await writer.query('set local role authenticated')
+  await writer.query(`select set_config('request.jwt.claims', $1, true)`, [JSON.stringify({ role: 'authenticated', sub: A })])
+  const {
+    rows: [{ visible }],
+  } = await writer.query(`select coalesce(array_agg(id order by id), '{}') as visible from public.messages where id = any($1)`, [missing])
+  await writer.query('commit')
+  assert.deepEqual(
+    missing,
+    [],
+    `rows withheld from a user whose policy selects them: ${missing.length} of ${sent.length} (ids ${missing}); ` +
+      `selectable by that user now: ${visible}`,
+  )
+  assert.deepEqual(got, sent, 'in commit order')
+})

@@ -101,7 +101,6 @@ export async function startPostgres({ supabase = true } = {}) {
         `max_connections = 200`,
         `fsync = off`,
         `track_commit_timestamp = on`,
-        `synchronous_commit = off`,
         `full_page_writes = off`,
         `timezone = 'UTC'`,
         `log_timezone = 'UTC'`,
