@@ -534,6 +534,44 @@ mod tests {
     }
 
     #[test]
+    fn any_text_gives_valid_json() {
+        // Deterministic xorshift over characters that matter to the parsers.
+        let alphabet: Vec<char> = "{}[]=,;\"\\ NULnul0123456789.-+eEx:T \u{1}é日"
+            .chars()
+            .collect();
+        let kinds = [
+            ValueKind::Number,
+            ValueKind::Bool,
+            ValueKind::Json,
+            ValueKind::Timestamp,
+            ValueKind::TimestampTz,
+            ValueKind::Bytea,
+            ValueKind::Text,
+            arr(ValueKind::Number),
+            arr(ValueKind::Json),
+            arr(arr(ValueKind::Text)),
+        ];
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        for i in 0..20_000usize {
+            let len = i % 24;
+            let text: String = (0..len)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    alphabet[(state % alphabet.len() as u64) as usize]
+                })
+                .collect();
+            let kind = &kinds[i % kinds.len()];
+            let out = json(kind, &text);
+            assert!(
+                serde_json::from_str::<serde_json::Value>(&out).is_ok(),
+                "{kind:?} {text:?} -> {out}"
+            );
+        }
+    }
+
+    #[test]
     fn raw_value() {
         assert_eq!(to_raw_value(&ValueKind::Number, "1.50").get(), "1.50");
     }
