@@ -149,13 +149,14 @@ pub(crate) fn data(
     };
     // DELETE on an RLS table: only primary-key columns leave (deletes cannot be RLS-checked).
     let pk_only_old = kind == "DELETE" && spec.rls;
-    let old_tuple: Option<(&Tuple, bool)> = match (kind, old) {
-        (_, Some(OldTuple::Key(t))) => Some((t, true)),
-        (_, Some(OldTuple::Full(t))) => Some((t, pk_only_old)),
+    let old_tuple: Option<(&Tuple, Columns)> = match (kind, old) {
+        (_, Some(_)) if pk_only_old => old.map(|o| (o.tuple(), Columns::PrimaryKey)),
+        (_, Some(OldTuple::Key(t))) => Some((t, Columns::Identity)),
+        (_, Some(OldTuple::Full(t))) => Some((t, Columns::All)),
         // UPDATE that kept its key: the identity columns come from the new row.
         ("UPDATE", None) => match relation.replica_identity {
             ReplicaIdentity::Nothing => None,
-            _ => new.map(|t| (t, true)),
+            _ => new.map(|t| (t, Columns::Identity)),
         },
         _ => None,
     };
@@ -166,11 +167,11 @@ pub(crate) fn data(
         record.clear();
         old_record.clear();
         if let Some(new) = new {
-            write_object(record, shape, relation, new, full_old, false, limit);
+            write_object(record, shape, relation, new, full_old, Columns::All, limit);
         }
         match old_tuple {
-            Some((t, keys_only)) => {
-                write_object(old_record, shape, relation, t, None, keys_only, limit)
+            Some((t, columns)) => {
+                write_object(old_record, shape, relation, t, None, columns, limit)
             }
             None => old_record.extend_from_slice(b"{}"),
         }
@@ -196,16 +197,26 @@ pub(crate) fn data(
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// Which columns of a tuple an object carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Columns {
+    All,
+    /// Replica identity columns (and the primary key).
+    Identity,
+    /// Primary-key columns only (DELETE on an RLS table).
+    PrimaryKey,
+}
+
 /// Writes the delivered columns of a tuple as a JSON object. Unchanged TOAST values are taken
-/// from `fallback` (the full old row) when present, else left out. `keys_only` keeps identity
-/// columns only; `limit` keeps only values whose JSON is at most that long.
+/// from `fallback` (the full old row) when present, else left out; `limit` keeps only values
+/// whose JSON is at most that long.
 fn write_object(
     out: &mut Vec<u8>,
     shape: &Shape,
     relation: &Relation,
     tuple: &Tuple,
     fallback: Option<&Tuple>,
-    keys_only: bool,
+    columns: Columns,
     limit: Option<usize>,
 ) {
     out.push(b'{');
@@ -215,8 +226,13 @@ fn write_object(
         if !shape.delivers(&col.name) {
             continue;
         }
-        let is_identity = col.is_key || shape.0.pk.contains(&col.name);
-        if keys_only && !is_identity {
+        let is_pk = shape.0.pk.contains(&col.name);
+        let wanted = match columns {
+            Columns::All => true,
+            Columns::Identity => col.is_key || is_pk,
+            Columns::PrimaryKey => is_pk,
+        };
+        if !wanted {
             continue;
         }
         let mut v = tuple.get(i);

@@ -211,7 +211,7 @@ pub(crate) async fn route(
         let mut groups: Vec<(MemberId, usize, Vec<u32>, Arc<Subscription>)> = Vec::new();
         let mut shapes: Vec<Shape> = Vec::new();
         for sub in &m.subs {
-            if needs_rls_check(sub) {
+            if change_needs_rls_check(m.change, sub) {
                 let ok = key.as_ref().is_some_and(|k| {
                     visible
                         .get(&(sub.viewer.group.clone(), sub.binding.access.oid))
@@ -319,6 +319,11 @@ fn passes(binding: &TableBinding, relation: &Relation, change: &Change) -> bool 
 
 fn needs_rls_check(sub: &Subscription) -> bool {
     sub.binding.access.rls && !sub.viewer.bypass_rls
+}
+
+/// DELETEs are never RLS-checked (the row is gone); INSERT/UPDATE rows of RLS tables are.
+fn change_needs_rls_check(change: &Change, sub: &Subscription) -> bool {
+    !matches!(change, Change::Delete { .. }) && needs_rls_check(sub)
 }
 
 /// The primary-key values (as text) of an INSERT/UPDATE row of an RLS table; `None` otherwise.
