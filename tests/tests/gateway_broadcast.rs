@@ -295,3 +295,36 @@ async fn payload_over_the_cap_is_refused_with_ack() -> anyhow::Result<()> {
     quiet.expect_nothing().await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn join_reply_comes_before_concurrent_fan_out() -> anyhow::Result<()> {
+    // §3.6: the reply is always the first frame of a join, even while the topic is busy.
+    let gw = TestGateway::start().await?;
+    let (mut publisher, pjr) = joined(&gw, Vsn::V2, ROOM, config(false, false)).await;
+    let blast = tokio::spawn(async move {
+        for i in 0..2000 {
+            publisher
+                .broadcast(&pjr, ROOM, "busy", &json!({ "i": i }))
+                .await
+                .expect("send");
+        }
+        publisher
+    });
+    for vsn in [Vsn::V2, Vsn::V1, Vsn::V2, Vsn::V1, Vsn::V2] {
+        let mut c = gw.connect(vsn).await?;
+        let mut config = config(false, false);
+        config["presence"] = json!({"key": "k", "enabled": true});
+        let jr = c.join(ROOM, &json!({ "config": config })).await?;
+        let first = c.recv_text().await?;
+        assert_eq!(
+            (first.event.as_str(), &first.msg_ref),
+            ("phx_reply", &json!(jr)),
+            "{}",
+            first.raw
+        );
+        let second = c.recv_text().await?;
+        assert_eq!(second.event, "presence_state", "{}", second.raw);
+    }
+    blast.await?;
+    Ok(())
+}

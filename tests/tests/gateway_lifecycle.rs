@@ -243,3 +243,49 @@ async fn shutdown_deadline_bounds_a_client_that_never_answers_the_close() -> any
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn shutdown_is_prompt_with_an_idle_keep_alive_http_connection() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start_with(|c| c.shutdown_timeout_ms = 5000).await?;
+    let mut http = tokio::net::TcpStream::connect(gw.addr()).await?;
+    http.write_all(b"GET /healthcheck HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await?;
+    let mut buf = [0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), http.read(&mut buf)).await??;
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let took = gw.shutdown(Duration::from_secs(8)).await?;
+    assert!(
+        took < Duration::from_secs(2),
+        "an idle keep-alive connection held shutdown for {took:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+#[ignore = "gateway bug: a delayed join error reply (channel.rs send_later) is a tracked task that sleeps through shutdown, so run waits up to CHANNEL_ERROR_BACKOFF_MS"]
+async fn shutdown_does_not_wait_for_delayed_join_errors() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|c| {
+        c.shutdown_timeout_ms = 8000;
+        c.channel_error_backoff_ms = 4000;
+    })
+    .await?;
+    let mut c = gw.connect(Vsn::V2).await?;
+    c.join("realtime:", &json!({"config": config("")})).await?;
+    c.sync().await?;
+    let took = gw.shutdown(Duration::from_secs(10)).await?;
+    let (_, closed) = c.drain_until_closed(Duration::from_secs(1)).await?;
+    assert_eq!(
+        closed.frame,
+        Some((1001, "server shutting down".to_owned()))
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "a pending join error reply held shutdown for {took:?}"
+    );
+    Ok(())
+}

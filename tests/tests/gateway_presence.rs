@@ -251,3 +251,71 @@ async fn invalid_track_payload_is_an_error_reply_and_keeps_the_channel() -> anyh
     assert_eq!(reply.text().unwrap().status(), Some("ok"));
     Ok(())
 }
+
+#[tokio::test]
+async fn presence_rate_limit_closes_the_channel() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|c| c.client_presence_max_calls = 3).await?;
+    let (mut a, ajr, _) = join_presence(&gw, Vsn::V2, "user-a").await;
+    for n in 0..3 {
+        track(&mut a, &ajr, json!({ "n": n })).await?;
+    }
+    a.sync().await?;
+    a.push(
+        Some(&ajr),
+        ROOM,
+        "presence",
+        &json!({"type": "presence", "event": "track", "payload": {"n": 9}}),
+    )
+    .await?;
+    let (system, _) = a.recv_until(|f| f.is_event(ROOM, "system")).await?;
+    let system = system.text().unwrap();
+    assert_eq!(
+        system.payload,
+        json!({"extension": "system", "status": "error", "message": "Client presence rate limit exceeded", "channel": "lobby"})
+    );
+    assert_eq!(system.join_ref, json!(ajr));
+    let close = a.recv_text().await?;
+    assert_eq!(close.raw_json(), json!([ajr, ajr, ROOM, "phx_close", {}]));
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_track_closes_the_channel() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|c| c.max_payload_size_in_kb = 1).await?;
+    let (mut a, ajr, _) = join_presence(&gw, Vsn::V2, "user-a").await;
+    let (mut b, _, _) = join_presence(&gw, Vsn::V2, "user-b").await;
+    a.push(
+        Some(&ajr),
+        ROOM,
+        "presence",
+        &json!({"type": "presence", "event": "track", "payload": {"s": "x".repeat(3000)}}),
+    )
+    .await?;
+    let system = a.recv_text().await?;
+    assert_eq!(system.event, "system", "{}", system.raw);
+    assert_eq!(system.payload["message"], "Track message size exceeded");
+    assert_eq!(
+        a.recv_text().await?.raw_json(),
+        json!([ajr, ajr, ROOM, "phx_close", {}])
+    );
+    a.sync().await?;
+    b.expect_nothing().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn leave_removes_presence_for_the_others() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let (mut a, ajr, _) = join_presence(&gw, Vsn::V1, "user-a").await;
+    let (mut b, _, _) = join_presence(&gw, Vsn::V2, "user-b").await;
+    track(&mut a, &ajr, json!({"k": "v"})).await?;
+    next_diff(&mut b).await?;
+    let r = a.push(Some(&ajr), ROOM, "phx_leave", &json!({})).await?;
+    a.expect_reply(&r).await?;
+    let d = next_diff(&mut b).await?;
+    assert_eq!(
+        metas(&d.payload["leaves"], "user-a"),
+        vec![json!({"k": "v"})]
+    );
+    Ok(())
+}
