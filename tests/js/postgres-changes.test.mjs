@@ -9,7 +9,7 @@
 import assert from 'node:assert/strict'
 import { randomUUID } from 'node:crypto'
 import { after, before, test } from 'node:test'
-import { closeClients, supabaseClient } from './lib/clients.mjs'
+import { closeClients, supabaseClient, v1Client } from './lib/clients.mjs'
 import { startGateway } from './lib/gateway.mjs'
 import { COMMIT_TIMESTAMP, pgChannel, pgJoined, rawChanges, rawPgJoin, startPostgres } from './lib/postgres.mjs'
 import { Inbox } from './lib/inbox.mjs'
@@ -381,6 +381,32 @@ test('a write made the moment subscribe() reports SUBSCRIBED always arrives (ten
     await insert
     const [event] = await sub.events[0].count(1, 5000, `channel ${i}: the insert made at SUBSCRIBED`)
     assert.equal(event.new.ch, name)
+  }
+})
+
+test('realtime-js 2.11 (V1, strict binding comparison): bindings with and without a filter subscribe and fire', async () => {
+  const client = v1Client(gw)
+  const id = newId()
+  const events = [new Inbox('2.11 binding 0'), new Inbox('2.11 binding 1')]
+  const statuses = new Inbox('2.11 statuses')
+  const system = new Inbox('2.11 system')
+  client
+    .channel(room('v1'))
+    .on('postgres_changes', { event: 'INSERT', schema: 'public', table: 'other' }, (p) => events[0].push(p))
+    .on('postgres_changes', { event: '*', schema: 'public', table: 'other', filter: `id=eq.${id}` }, (p) => events[1].push(p))
+    .on('system', {}, (m) => system.push(m))
+    .subscribe((status, err) => statuses.push({ status, err: err?.message }))
+  const [first] = await statuses.count(1, 5000, 'a status')
+  assert.equal(first.status, 'SUBSCRIBED', JSON.stringify(first))
+  await system.find((m) => m.extension === 'postgres_changes' && m.status === 'ok', 5000, '"Subscribed to PostgreSQL"')
+  await db.sql(`insert into public.other values ($1, 'v1')`, [id])
+  const [a] = await events[0].count(1, 5000)
+  const [b] = await events[1].count(1, 5000)
+  for (const e of [a, b]) {
+    assert.equal(e.eventType, 'INSERT')
+    assert.equal(e.table, 'other')
+    assert.deepEqual(e.new, { id, v: 'v1' })
+    assert.match(e.commit_timestamp, COMMIT_TIMESTAMP)
   }
 })
 

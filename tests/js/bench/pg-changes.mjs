@@ -128,13 +128,14 @@ async function allReceived(subs, target, quietMs = 3000) {
 async function paced(table, rate, seconds) {
   const total = Math.round(rate * seconds)
   const start = Date.now()
-  const pending = []
+  const chains = writers.map(() => Promise.resolve()) // one query at a time per connection
   for (let k = 0; k < total; k++) {
     const wait = start + (k * 1000) / rate - Date.now()
     if (wait > 0) await sleep(wait)
-    pending.push(writers[k % WRITERS].query(`insert into public.${table} (body) values ('x')`))
+    const w = k % WRITERS
+    chains[w] = chains[w].then(() => writers[w].query(`insert into public.${table} (body) values ('x')`))
   }
-  await Promise.all(pending)
+  await Promise.all(chains)
   return { total, start, writeMs: Date.now() - start }
 }
 
