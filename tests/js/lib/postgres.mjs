@@ -58,7 +58,7 @@ process.on('exit', () => {
 /**
  * Starts a cluster, creates database `app`, applies supabase/ (unless `supabase: false`) and returns
  * `{ url, port, dir, sql(text, params?) → rows, query(text, params?) → result, connect() → pg.Client,
- * admin (a connected pg.Client), stop() }`.
+ * admin (a connected pg.Client), halt() / resume() (server down and up again), stop() }`.
  */
 export async function startPostgres({ supabase = true } = {}) {
   const bin = postgresBinDir()
@@ -136,7 +136,7 @@ export async function startPostgres({ supabase = true } = {}) {
       client.on('error', () => {}) // the cluster may be stopped under an idle client
       return client
     }
-    const admin = await connect()
+    let admin = await connect()
     if (supabase) {
       const migrations = join(REPO, 'supabase', 'migrations')
       for (const file of readdirSync(migrations).filter((f) => f.endsWith('.sql')).sort()) {
@@ -149,7 +149,9 @@ export async function startPostgres({ supabase = true } = {}) {
       url,
       port,
       dir,
-      admin,
+      get admin() {
+        return admin
+      },
       bin,
       /** Runs `text` (several statements allowed when there are no params) and returns the rows. */
       async sql(text, params) {
@@ -170,6 +172,18 @@ export async function startPostgres({ supabase = true } = {}) {
         } catch {
           return ''
         }
+      },
+      /** Stops the server (fast shutdown: sessions and the replication stream are cut), keeping the data. */
+      async halt() {
+        await Promise.race([admin.end().catch(() => {}), new Promise((r) => setTimeout(r, 1000))])
+        run(join(bin, 'pg_ctl'), ['stop', '-D', data, '-m', 'fast', '-w'], { asPostgres })
+        started = false
+      },
+      /** Starts the halted server again on the same port; `sql` gets a new connection. */
+      async resume() {
+        run(join(bin, 'pg_ctl'), ['start', '-D', data, '-l', log, '-w', '-t', '30'], { asPostgres })
+        started = true
+        admin = await connect()
       },
       async stop() {
         for (const client of [admin, ...others]) {
