@@ -315,6 +315,9 @@ impl Channels {
             }
         };
 
+        if !replayed.is_empty() {
+            read.set_replayed(replayed.iter().map(|r| Box::from(r.id.as_str())).collect());
+        }
         let key = TopicKey {
             private: join.private,
             topic: Arc::from(m.topic.as_str()),

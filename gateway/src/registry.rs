@@ -48,6 +48,9 @@ pub(crate) struct Member {
 pub(crate) struct ReadAccess {
     broadcast: AtomicBool,
     presence: AtomicBool,
+    /// Ids of the messages replayed at join: the same messages arriving live are not delivered
+    /// twice.
+    replayed: std::sync::OnceLock<Box<[Box<str>]>>,
 }
 
 impl ReadAccess {
@@ -55,6 +58,7 @@ impl ReadAccess {
         Arc::new(ReadAccess {
             broadcast: AtomicBool::new(broadcast),
             presence: AtomicBool::new(presence),
+            replayed: std::sync::OnceLock::new(),
         })
     }
 
@@ -74,6 +78,17 @@ impl ReadAccess {
 
     pub(crate) fn presence(&self) -> bool {
         self.presence.load(Ordering::Relaxed)
+    }
+
+    /// Remembers the ids replayed at join.
+    pub(crate) fn set_replayed(&self, ids: Vec<Box<str>>) {
+        let _ = self.replayed.set(ids.into_boxed_slice());
+    }
+
+    fn was_replayed(&self, id: &str) -> bool {
+        self.replayed
+            .get()
+            .is_some_and(|ids| ids.iter().any(|r| &**r == id))
     }
 }
 
@@ -212,6 +227,20 @@ impl Registry {
 
 impl Topic {
     /// Fans a message out to every member but `skip`.
+    /// Fans out a broadcast from the database: like [`Topic::publish`], but a member that had
+    /// message `id` replayed at join does not get it again.
+    pub(crate) fn publish_stored(&self, message: &Outgoing<'_>, id: &str) -> Delivery {
+        let inner = lock(&self.inner);
+        fan_out(
+            &self.key,
+            &inner.members,
+            message,
+            None,
+            |read| read.broadcast(),
+            Some(id),
+        )
+    }
+
     pub(crate) fn publish(&self, message: &Outgoing<'_>, skip: Option<MemberId>) -> Delivery {
         let inner = lock(&self.inner);
         fan_out(
@@ -220,6 +249,7 @@ impl Topic {
             message,
             skip,
             ReadAccess::broadcast,
+            None,
         )
     }
 
@@ -257,6 +287,7 @@ fn publish_diff(key: &TopicKey, inner: &TopicInner, diff: &Diff) -> Delivery {
         },
         None,
         ReadAccess::presence,
+        None,
     )
 }
 
@@ -266,11 +297,15 @@ fn fan_out(
     message: &Outgoing<'_>,
     skip: Option<MemberId>,
     may_read: fn(&ReadAccess) -> bool,
+    stored_id: Option<&str>,
 ) -> Delivery {
     let mut encoded = Encoded::default();
     let mut delivery = Delivery::default();
     for member in members {
         if Some(member.id) == skip || !may_read(&member.read) {
+            continue;
+        }
+        if stored_id.is_some_and(|id| member.read.was_replayed(id)) {
             continue;
         }
         let Some(frame) = encoded.get(&key.topic, member.vsn, message) else {

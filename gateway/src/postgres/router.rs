@@ -372,27 +372,27 @@ fn broadcast_from_database(registry: &Registry, relation: &Relation, new: &[Tupl
     };
     let meta = format!("{{\"id\":{}}}", realtime_protocol::frame::json_str(id));
     let delivered = if let Some(payload) = text("payload") {
-        topic.publish(
+        topic.publish_stored(
             &Outgoing::User {
                 event,
                 metadata: Some(&meta),
                 encoding: PayloadEncoding::Json,
                 payload: payload.as_bytes(),
             },
-            None,
+            id,
         )
     } else if let Some(hex) = text("binary_payload") {
         let Some(bytes) = decode_bytea_hex(hex) else {
             return false;
         };
-        topic.publish(
+        topic.publish_stored(
             &Outgoing::User {
                 event,
                 metadata: Some(&meta),
                 encoding: PayloadEncoding::Binary,
                 payload: &bytes,
             },
-            None,
+            id,
         )
     } else {
         return false;
