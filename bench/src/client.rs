@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// realtime-js's heartbeat interval.
@@ -188,9 +189,14 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Connects (TCP_NODELAY, like browsers).
     pub async fn connect(endpoint: &Endpoint) -> anyhow::Result<Client> {
-        let (ws, _) = tokio_tungstenite::connect_async_with_config(endpoint.url(), None, true)
-            .await
-            .with_context(|| format!("connecting to {}", endpoint.addr))?;
+        // Small buffers: one process holds up to ~19k of these.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(16 * 1024)
+            .write_buffer_size(8192);
+        let (ws, _) =
+            tokio_tungstenite::connect_async_with_config(endpoint.url(), Some(config), true)
+                .await
+                .with_context(|| format!("connecting to {}", endpoint.addr))?;
         Ok(Client {
             ws,
             topics: Vec::new(),

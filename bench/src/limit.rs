@@ -8,8 +8,8 @@
 //! `track` stores the meta and sends one `presence_diff` frame to every member; a join with
 //! presence enabled gets `presence_state`; a closing socket sends the leaves.
 //!
-//! It is not a product: no V1, no `self`/`ack` options (never echoes to the sender), no limits
-//! beyond a bounded outbox per socket whose overflow drops frames (counted in `dropped`).
+//! It is not a product: no V1, no `ack` option, no limits beyond a bounded outbox per socket
+//! whose overflow drops frames (counted in `dropped`).
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 
 /// Frames a socket's outbox holds; beyond that frames to it are dropped.
 const OUTBOX_FRAMES: usize = 4096;
@@ -38,9 +38,12 @@ const WRITE_BATCH: usize = 64;
 
 type Outbox = mpsc::Sender<Message>;
 
+/// A joined socket: its id, its outbox, and whether it gets its own broadcasts back.
+type Member = (u64, Outbox, bool);
+
 #[derive(Default)]
 struct Topic {
-    members: Vec<(u64, Outbox)>,
+    members: Vec<Member>,
     /// presence key → (socket id, meta JSON with its `phx_ref`).
     presence: HashMap<String, (u64, String)>,
     /// socket id → its presence key on this topic.
@@ -59,9 +62,10 @@ impl Relay {
         self.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn fan_out(&self, members: &[(u64, Outbox)], skip: Option<u64>, frame: &Message) {
-        for (id, tx) in members {
-            if Some(*id) != skip && tx.try_send(frame.clone()).is_err() {
+    /// Sends `frame` to every member; the `sender`, if any, only when it asked for `self`.
+    fn fan_out(&self, members: &[Member], sender: Option<u64>, frame: &Message) {
+        for (id, tx, echo) in members {
+            if (*echo || Some(*id) != sender) && tx.try_send(frame.clone()).is_err() {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -107,8 +111,16 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Response<Full<Bytes
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
-            let ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            // The gateway's buffer sizes, so that footprints compare like for like.
+            let config = WebSocketConfig::default()
+                .read_buffer_size(4096)
+                .write_buffer_size(8192);
+            let ws = WebSocketStream::from_raw_socket(
+                TokioIo::new(upgraded),
+                Role::Server,
+                Some(config),
+            )
+            .await;
             serve_socket(relay, ws).await;
         }
     });
@@ -211,10 +223,10 @@ fn handle_text(relay: &Relay, id: u64, tx: &Outbox, joined: &mut Vec<Arc<str>>, 
         "heartbeat" => reply("{}"),
         "phx_join" => {
             let topic: Arc<str> = topic.into();
-            let presence = presence_config(payload);
+            let (echo, presence) = join_config(payload);
             let mut topics = relay.topics();
             let entry = topics.entry(topic.clone()).or_default();
-            entry.members.push((id, tx.clone()));
+            entry.members.push((id, tx.clone(), echo));
             reply("{\"postgres_changes\":[]}");
             if let Some(key) = presence {
                 let key = if key.is_empty() {
@@ -265,19 +277,18 @@ fn handle_text(relay: &Relay, id: u64, tx: &Outbox, joined: &mut Vec<Arc<str>>, 
     }
 }
 
-/// `Some(key)` when the join enables presence; an empty key becomes one derived from the socket.
-fn presence_config(payload: &RawValue) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_str(payload.get()).ok()?;
-    let p = v.get("config")?.get("presence")?;
-    if p.get("enabled").and_then(|e| e.as_bool()) != Some(true) {
-        return None;
-    }
-    Some(
-        p.get("key")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_owned(),
-    )
+/// `config.broadcast.self`, and `Some(key)` when the join enables presence (an empty key
+/// becomes one derived from the socket).
+fn join_config(payload: &RawValue) -> (bool, Option<String>) {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(payload.get()) else {
+        return (false, None);
+    };
+    let config = &v["config"];
+    let echo = config["broadcast"]["self"].as_bool() == Some(true);
+    let p = &config["presence"];
+    let presence =
+        (p["enabled"].as_bool() == Some(true)).then(|| p["key"].as_str().unwrap_or("").to_owned());
+    (echo, presence)
 }
 
 static NEXT_PHX_REF: AtomicU64 = AtomicU64::new(1);
@@ -316,7 +327,7 @@ fn leave(relay: &Relay, topics: &mut HashMap<Arc<str>, Topic>, topic: &str, id: 
     let Some(t) = topics.get_mut(topic) else {
         return;
     };
-    t.members.retain(|(m, _)| *m != id);
+    t.members.retain(|(m, _, _)| *m != id);
     let key = t.keys.remove(&id).unwrap_or_else(|| format!("s{id}"));
     if t.presence.get(&key).is_some_and(|(owner, _)| *owner == id)
         && let Some((_, meta)) = t.presence.remove(&key)

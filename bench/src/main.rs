@@ -230,13 +230,14 @@ async fn broadcast_steps(
         for t in targets {
             let o = broadcast::run(t, &plan).await?;
             eprintln!(
-                "summary: {label} {param} {}: {} deliveries/s of {} expected/s, p50 {:.1} ms p99 {:.1} ms, server cpu {:.0}% rss {} MiB{}",
+                "summary: {label} {param} {}: {} deliveries/s of {} expected/s, p50 {:.1} ms p99 {:.1} ms, server cpu {:.0}% ({} ns/delivery) rss {} MiB{}",
                 scenario::name(t),
                 o.deliveries_per_s,
                 (o.expected as f64 / o.seconds).round(),
                 o.latency.p50_ms,
                 o.latency.p99_ms,
                 o.cpu.server_cpu_pct,
+                o.server_cpu_ns_per_delivery,
                 o.cpu.server_rss_kib / 1024,
                 if o.keeping_up {
                     ""
@@ -249,7 +250,12 @@ async fn broadcast_steps(
         }
         let r = ratios(
             &results,
-            &["deliveries_per_s", "latency.p99_ms", "cpu.server_cpu_pct"],
+            &[
+                "deliveries_per_s",
+                "latency.p50_ms",
+                "latency.p99_ms",
+                "server_cpu_ns_per_delivery",
+            ],
         );
         if !r.is_null() {
             eprintln!("summary: {label} {param} gateway/limit-server: {r}");
@@ -370,12 +376,13 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
             for t in &targets {
                 let o = idle::run(t, sockets, channels, Duration::from_secs_f64(hold)).await?;
                 eprintln!(
-                    "summary: idle {sockets} {}: rss {} MiB ({} B/socket over {} MiB at start), {} connect+join/s, lost {}",
+                    "summary: idle {sockets} {}: rss {} MiB ({} B/socket over {} MiB at start), {} connect+join/s, {} µs server cpu/socket, lost {}",
                     scenario::name(t),
                     o.rss_held_kib / 1024,
                     o.rss_per_socket_bytes,
                     o.rss_before_kib / 1024,
                     o.connect_joins_per_s,
+                    o.server_cpu_us_per_socket,
                     o.lost,
                 );
                 results.push(serde_json::to_value(o)?);
@@ -418,7 +425,14 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
                     );
                     results.push(serde_json::to_value(o)?);
                 }
-                let r = ratios(&results, &["converge_all_ms", "bytes_per_member_join"]);
+                let r = ratios(
+                    &results,
+                    &[
+                        "converge_all_ms",
+                        "bytes_per_member_join",
+                        "cpu.server_cpu_s",
+                    ],
+                );
                 if !r.is_null() {
                     eprintln!("summary: presence {m} gateway/limit-server: {r}");
                 }

@@ -84,6 +84,10 @@ pub struct CpuSampler {
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CpuReport {
     pub seconds: f64,
+    /// CPU time the server used, seconds.
+    pub server_cpu_s: f64,
+    /// CPU time this process (the load generator) used, seconds.
+    pub bench_cpu_s: f64,
     pub server_cpu_pct: f64,
     pub bench_cpu_pct: f64,
     pub others_cpu_pct: f64,
@@ -139,6 +143,8 @@ impl CpuSampler {
         }
         CpuReport {
             seconds,
+            server_cpu_s: server as f64 / hz,
+            bench_cpu_s: me as f64 / hz,
             server_cpu_pct: pct(server),
             bench_cpu_pct: pct(me),
             others_cpu_pct: others_pct,

@@ -164,6 +164,8 @@ pub struct Outcome {
     /// At least 97% of the expected deliveries arrived and p99 stayed under a second.
     pub keeping_up: bool,
     pub latency: Latency,
+    /// Server CPU time per delivery, nanoseconds: the figure least disturbed by a noisy machine.
+    pub server_cpu_ns_per_delivery: f64,
     pub cpu: CpuReport,
     pub errors: u64,
 }
@@ -247,6 +249,8 @@ pub async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Outcome> {
         deliveries_per_s: (tally.in_window as f64 / plan.seconds).round(),
         keeping_up: tally.delivered as f64 >= 0.97 * expected && latency.p99_ms < 1000.0,
         latency,
+        server_cpu_ns_per_delivery: (cpu.server_cpu_s * 1e9 / tally.delivered.max(1) as f64)
+            .round(),
         cpu,
         errors: tally.errors,
     })

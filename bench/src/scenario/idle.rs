@@ -24,6 +24,8 @@ pub struct Outcome {
     pub bench_rss_kib: u64,
     /// Sockets that closed during the hold.
     pub lost: usize,
+    /// Server CPU time per socket (connect, join, hold), microseconds.
+    pub server_cpu_us_per_socket: f64,
     pub cpu: CpuReport,
 }
 
@@ -92,6 +94,7 @@ pub async fn run(
         rss_per_socket_bytes: rss_held.saturating_sub(rss_before) * 1024 / sockets.max(1) as u64,
         bench_rss_kib,
         lost,
+        server_cpu_us_per_socket: (cpu.server_cpu_s * 1e6 / sockets.max(1) as f64).round(),
         cpu,
     })
 }
