@@ -328,3 +328,47 @@ async fn join_reply_comes_before_concurrent_fan_out() -> anyhow::Result<()> {
     blast.await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn fan_out_to_two_hundred_mixed_subscribers() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let mut subscribers = Vec::new();
+    for i in 0..200 {
+        let vsn = if i % 2 == 0 { Vsn::V1 } else { Vsn::V2 };
+        let (c, _) = joined(&gw, vsn, ROOM, config(false, false)).await;
+        subscribers.push(c);
+    }
+    let (mut publisher, pjr) = joined(&gw, Vsn::V2, ROOM, config(false, false)).await;
+    for i in 0..50 {
+        if i % 2 == 0 {
+            publisher
+                .broadcast(&pjr, ROOM, "n", &json!({ "i": i }))
+                .await?;
+        } else {
+            let body = json!({ "i": i }).to_string();
+            publisher
+                .broadcast_binary(&pjr, ROOM, "n", PayloadEncoding::Json, body.as_bytes(), b"")
+                .await?;
+        }
+    }
+    let tasks: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                for i in 0..50u64 {
+                    let n = match c.recv().await? {
+                        Received::Text(t) => t.payload["payload"]["i"].as_u64(),
+                        Received::Binary(b) => b.payload_json()?["i"].as_u64(),
+                        Received::Closed(closed) => anyhow::bail!("closed: {closed:?}"),
+                    };
+                    anyhow::ensure!(n == Some(i), "expected {i}, got {n:?}");
+                }
+                c.expect_nothing().await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}

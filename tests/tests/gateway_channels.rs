@@ -686,3 +686,51 @@ async fn refresh_with_a_bad_signature_closes_with_the_reference_text() -> anyhow
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn connect_token_expiry_closes_channels_that_use_it() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let key = gw.tokens().expiring_in(2);
+    let mut c = gw.connect_with_key(Vsn::V2, &key).await?;
+    // No access_token: the connect token is the channel token.
+    let (jr, _) = c.join_ok(ROOM, default_config()).await?;
+    let system = c.recv_within(WAIT).await?;
+    let system = system.text().cloned().expect("system frame");
+    assert_eq!(system.event, "system", "{}", system.raw);
+    assert!(
+        system.payload["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("Token has expired ")),
+        "{}",
+        system.raw
+    );
+    assert_eq!(
+        c.recv_text().await?.raw_json(),
+        json!([jr, jr, ROOM, "phx_close", {}])
+    );
+    // The socket stays open.
+    c.expect_nothing().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn user_token_wins_over_access_token() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let mut c = gw.connect(Vsn::V2).await?;
+    let jr = c
+        .join(
+            ROOM,
+            &json!({"config": default_config(), "access_token": gw.tokens().anon(), "user_token": gw.tokens().expired(60)}),
+        )
+        .await?;
+    let reply = c.expect_reply(&jr).await?;
+    assert_eq!(reply.status(), Some("error"), "{}", reply.raw);
+    assert!(
+        reply.response()["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("InvalidJWTToken: Token has expired ")),
+        "{}",
+        reply.raw
+    );
+    Ok(())
+}

@@ -319,3 +319,145 @@ async fn leave_removes_presence_for_the_others() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// What a realtime-js client would show: key → phx_refs, from a state and the diffs after it.
+#[derive(Default, Debug, PartialEq)]
+struct View(std::collections::BTreeMap<String, std::collections::BTreeSet<String>>);
+
+impl View {
+    fn refs(v: &Value) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (key, entry) in v.as_object().into_iter().flatten() {
+            for m in entry["metas"].as_array().into_iter().flatten() {
+                out.push((
+                    key.clone(),
+                    m["phx_ref"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+        out
+    }
+
+    fn apply(&mut self, frame: &TextFrame) {
+        match frame.event.as_str() {
+            "presence_state" => {
+                self.0.clear();
+                for (k, r) in View::refs(&frame.payload) {
+                    self.0.entry(k).or_default().insert(r);
+                }
+            }
+            "presence_diff" => {
+                for (k, r) in View::refs(&frame.payload["joins"]) {
+                    self.0.entry(k).or_default().insert(r);
+                }
+                for (k, r) in View::refs(&frame.payload["leaves"]) {
+                    if let Some(set) = self.0.get_mut(&k) {
+                        set.remove(&r);
+                        if set.is_empty() {
+                            self.0.remove(&k);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn concurrent_joins_tracks_and_drops_converge() -> anyhow::Result<()> {
+    let gw = std::sync::Arc::new(TestGateway::start().await?);
+    // Twenty clients join, track twice and (half of them) drop, all at once; each keeps its own
+    // view from its presence_state and the diffs it receives.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let gw = gw.clone();
+        tasks.push(tokio::spawn(async move {
+            let vsn = if i % 2 == 0 { Vsn::V1 } else { Vsn::V2 };
+            let mut c = gw.connect(vsn).await?;
+            let jr = c
+                .join(
+                    ROOM,
+                    &json!({"config": presence(&format!("user-{}", i % 7), true)}),
+                )
+                .await?;
+            let mut view = View::default();
+            for n in 0..2 {
+                c.push(
+                    Some(&jr),
+                    ROOM,
+                    "presence",
+                    &json!({"type": "presence", "event": "track", "payload": {"n": n, "i": i}}),
+                )
+                .await?;
+            }
+            for r in c.sync().await? {
+                if let Some(t) = r.text() {
+                    view.apply(t);
+                }
+            }
+            anyhow::Ok((i, c, view))
+        }));
+    }
+    let mut clients = Vec::new();
+    for t in tasks {
+        clients.push(t.await??);
+    }
+    // Drop the odd ones.
+    clients.retain(|(i, _, _)| i % 2 == 0);
+    // The survivors catch up until they agree with a fresh observer.
+    let (mut observer, _, _) = join_presence(&gw, Vsn::V2, "observer").await;
+    observer.sync().await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let mut fresh_client = gw.connect(Vsn::V2).await?;
+        fresh_client
+            .join(ROOM, &json!({"config": presence("", true)}))
+            .await?;
+        let (state, _) = fresh_client
+            .recv_until(|f| f.is_event(ROOM, "presence_state"))
+            .await?;
+        let mut truth = View::default();
+        truth.apply(state.text().unwrap());
+        drop(fresh_client);
+        let expected_keys = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18]
+            .iter()
+            .map(|i| i % 7)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let mut all_agree = truth.0.len() == expected_keys;
+        for (_, c, view) in clients.iter_mut() {
+            for r in c.sync().await? {
+                if let Some(t) = r.text() {
+                    view.apply(t);
+                }
+            }
+            // The observer (and the fresh client's untracked join) may or may not be in the view
+            // yet; compare the tracked users only.
+            let users = |v: &View| {
+                v.0.iter()
+                    .filter(|(k, _)| k.starts_with("user-"))
+                    .map(|(k, s)| (k.clone(), s.clone()))
+                    .collect::<Vec<_>>()
+            };
+            all_agree &= users(view) == users(&truth);
+        }
+        if all_agree {
+            // Ten survivors, one meta each (the second track replaced the first).
+            let metas: usize = truth
+                .0
+                .iter()
+                .filter(|(k, _)| k.starts_with("user-"))
+                .map(|(_, s)| s.len())
+                .sum();
+            assert_eq!(metas, 10, "{truth:?}");
+            return Ok(());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "views never converged: truth {truth:?}, views {:?}",
+            clients.iter().map(|(i, _, v)| (i, v)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

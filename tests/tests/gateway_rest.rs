@@ -313,3 +313,54 @@ async fn metrics_count_connections_channels_and_messages() -> anyhow::Result<()>
     assert_eq!(gw.metric("realtime_channels").await?, 2.0);
     Ok(())
 }
+
+#[tokio::test]
+async fn rest_is_cors_open() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let r = gw
+        .request(
+            "OPTIONS",
+            "/realtime/v1/api/broadcast",
+            &[
+                ("origin", "https://app.example"),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "apikey, authorization, content-type, x-client-info",
+                ),
+            ],
+            b"",
+        )
+        .await?;
+    assert!(
+        r.status == 200 || r.status == 204,
+        "{} {}",
+        r.status,
+        r.text()
+    );
+    let allowed = r.header("access-control-allow-origin").unwrap_or_default();
+    assert!(
+        allowed == "*" || allowed == "https://app.example",
+        "{allowed:?}"
+    );
+    let anon = gw.tokens().anon();
+    let r = gw
+        .request(
+            "POST",
+            "/api/broadcast/room1/events/e",
+            &[
+                ("origin", "https://app.example"),
+                ("apikey", &anon),
+                ("content-type", "application/json"),
+            ],
+            b"{}",
+        )
+        .await?;
+    assert_eq!(r.status, 202);
+    assert!(
+        r.header("access-control-allow-origin").is_some(),
+        "{:?}",
+        r.headers
+    );
+    Ok(())
+}
