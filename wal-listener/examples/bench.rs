@@ -7,8 +7,12 @@
 //! The server's decoding work is identical for both, so the ratio compares the clients.
 //!
 //! Run: `cargo run --release -p realtime-wal-listener --example bench` (ROUNDS=n to change the round
-//! count). It starts its own throwaway cluster with the test harness of `tests/src/postgres.rs`,
-//! included by path so that this example does not depend on the tests crate (and the gateway).
+//! count, RUNTIME=multi for the multi-thread runtime). It starts its own throwaway cluster with the
+//! test harness of `tests/src/postgres.rs`, included by path so that this example does not depend on
+//! the tests crate (and the gateway).
+//!
+//! The CPU columns (user + system time per change, from /proc) are the fairer comparison on a busy
+//! machine, where wall-clock rates move with whatever else runs.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -22,8 +26,21 @@ use postgres::{PgCluster, TestDb};
 use realtime_wal_listener::{ConnectConfig, Listener, ListenerConfig};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // RUNTIME=multi runs on the multi-thread runtime the gateway uses; the default, one thread,
+    // keeps the consumer and the listener off each other's cores on a busy 2-core machine.
+    let runtime = match std::env::var("RUNTIME").as_deref() {
+        Ok("multi") => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(bench())
+}
+
+async fn bench() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
