@@ -33,6 +33,19 @@ pub(crate) struct ShapeSpec {
 }
 
 impl Shape {
+    pub(crate) fn from_spec(spec: Arc<ShapeSpec>) -> Shape {
+        Shape(spec)
+    }
+
+    pub(crate) fn downgrade(&self) -> std::sync::Weak<ShapeSpec> {
+        Arc::downgrade(&self.0)
+    }
+
+    /// The same interned shape (pointer equality).
+    pub(crate) fn same(&self, other: &Shape) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub(crate) fn of(binding: &TableBinding) -> Shape {
         let access = &binding.access;
         let delivered = |name: &str, is_pk: bool| match &binding.select {

@@ -12,6 +12,7 @@ use super::subscription::{EventFilter, TableAccess, TableBinding};
 use super::visibility::{self, Viewer};
 use crate::outbox::{Frame, Outbox};
 use crate::registry::{MemberId, Outgoing, Registry, TopicKey};
+use futures_util::StreamExt;
 use realtime_protocol::Vsn;
 use realtime_protocol::binary::PayloadEncoding;
 use realtime_wal_listener::{Change, OldTuple, Relation, Transaction, TupleValue};
@@ -40,6 +41,46 @@ type TableSubs = Arc<Vec<Arc<Subscription>>>;
 pub(crate) struct Router {
     tables: RwLock<HashMap<u32, TableSubs>>,
     by_member: Mutex<HashMap<MemberId, Vec<u32>>>,
+    interned: Mutex<Interned>,
+}
+
+/// Equal shapes and equal viewers are shared, so a batch compares them by pointer and groups
+/// subscribers without hashing claims or column lists per change.
+#[derive(Debug, Default)]
+struct Interned {
+    shapes: Vec<std::sync::Weak<super::payload::ShapeSpec>>,
+    viewers: HashMap<Arc<str>, std::sync::Weak<Viewer>>,
+}
+
+impl Interned {
+    fn shape(&mut self, shape: Shape) -> Shape {
+        self.shapes.retain(|w| w.strong_count() > 0);
+        for weak in &self.shapes {
+            if let Some(existing) = weak.upgrade().map(Shape::from_spec)
+                && existing == shape
+            {
+                return existing;
+            }
+        }
+        self.shapes.push(shape.downgrade());
+        shape
+    }
+
+    fn viewer(&mut self, viewer: Arc<Viewer>) -> Arc<Viewer> {
+        if let Some(existing) = self
+            .viewers
+            .get(&viewer.group)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return existing;
+        }
+        if self.viewers.len() > 1024 {
+            self.viewers.retain(|_, w| w.strong_count() > 0);
+        }
+        self.viewers
+            .insert(viewer.group.clone(), Arc::downgrade(&viewer));
+        viewer
+    }
 }
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
@@ -52,10 +93,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Router {
     /// Replaces a channel's subscriptions.
-    pub(crate) fn subscribe(&self, member: MemberId, subs: Vec<Subscription>) {
+    pub(crate) fn subscribe(&self, member: MemberId, mut subs: Vec<Subscription>) {
         self.unsubscribe(member);
         if subs.is_empty() {
             return;
+        }
+        {
+            let mut interned = lock(&self.interned);
+            for sub in &mut subs {
+                sub.shape = interned.shape(sub.shape.clone());
+                sub.viewer = interned.viewer(sub.viewer.clone());
+            }
         }
         let mut tables = write(&self.tables);
         let mut oids = Vec::new();
@@ -176,7 +224,7 @@ pub(crate) async fn route(
     }
 
     // Visibility: one query per (viewer, table) for all INSERT/UPDATE rows of RLS tables.
-    let mut checks: HashMap<(Arc<str>, u32), PendingCheck> = HashMap::new();
+    let mut checks: HashMap<(usize, u32), PendingCheck> = HashMap::new();
     for m in &matched {
         let Some(key) = rls_key(m) else { continue };
         for sub in &m.subs {
@@ -184,65 +232,70 @@ pub(crate) async fn route(
                 continue;
             }
             let entry = checks
-                .entry((sub.viewer.group.clone(), sub.binding.access.oid))
+                .entry((viewer_key(&sub.viewer), sub.binding.access.oid))
                 .or_insert_with(|| (sub.viewer.clone(), sub.binding.access.clone(), Vec::new()));
             entry.2.push(key.clone());
         }
     }
-    let mut visible: HashMap<(Arc<str>, u32), HashSet<Vec<String>>> = HashMap::new();
-    for ((group, oid), (viewer, access, mut keys)) in checks {
-        keys.sort();
-        keys.dedup();
-        stats.visibility_queries += 1;
-        let seen = match visibility::visible_keys(db, &viewer, &access, &keys).await {
-            Ok(seen) => seen,
-            Err(e) => {
-                warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check failed: rows withheld");
-                HashSet::new()
-            }
-        };
-        visible.insert((group, oid), seen);
-    }
+    stats.visibility_queries = checks.len() as u64;
+    let visible: HashMap<(usize, u32), HashSet<Vec<String>>> = futures_util::stream::iter(checks)
+        .map(|(key, (viewer, access, mut keys))| async move {
+            keys.sort();
+            keys.dedup();
+            let seen = match visibility::visible_keys(db, &viewer, &access, &keys).await {
+                Ok(seen) => seen,
+                Err(e) => {
+                    warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check failed: rows withheld");
+                    HashSet::new()
+                }
+            };
+            (key, seen)
+        })
+        .buffer_unordered(VISIBILITY_CONCURRENCY)
+        .collect()
+        .await;
 
     // Payloads and fan-out, in commit order.
     for m in &matched {
         let key = rls_key(m);
         // (member, shape) → ids; keep first-seen order of channels.
         let mut groups: Vec<(MemberId, usize, Vec<u32>, Arc<Subscription>)> = Vec::new();
+        let mut group_index: HashMap<(MemberId, usize), usize> = HashMap::new();
         let mut shapes: Vec<Shape> = Vec::new();
         for sub in &m.subs {
             if change_needs_rls_check(m.change, sub) {
                 let ok = key.as_ref().is_some_and(|k| {
                     visible
-                        .get(&(sub.viewer.group.clone(), sub.binding.access.oid))
+                        .get(&(viewer_key(&sub.viewer), sub.binding.access.oid))
                         .is_some_and(|set| set.contains(k))
                 });
                 if !ok {
                     continue;
                 }
             }
-            let shape_idx = match shapes.iter().position(|s| *s == sub.shape) {
+            let shape_idx = match shapes.iter().position(|s| s.same(&sub.shape)) {
                 Some(i) => i,
                 None => {
                     shapes.push(sub.shape.clone());
                     shapes.len() - 1
                 }
             };
-            match groups
-                .iter_mut()
-                .find(|g| g.0 == sub.member && g.1 == shape_idx)
-            {
-                Some(g) => {
-                    if !g.2.contains(&sub.binding.binding_id) {
-                        g.2.push(sub.binding.binding_id);
+            match group_index.get(&(sub.member, shape_idx)) {
+                Some(&g) => {
+                    let ids = &mut groups[g].2;
+                    if !ids.contains(&sub.binding.binding_id) {
+                        ids.push(sub.binding.binding_id);
                     }
                 }
-                None => groups.push((
-                    sub.member,
-                    shape_idx,
-                    vec![sub.binding.binding_id],
-                    sub.clone(),
-                )),
+                None => {
+                    group_index.insert((sub.member, shape_idx), groups.len());
+                    groups.push((
+                        sub.member,
+                        shape_idx,
+                        vec![sub.binding.binding_id],
+                        sub.clone(),
+                    ));
+                }
             }
         }
         let datas: Vec<String> = shapes
@@ -315,6 +368,14 @@ fn passes(binding: &TableBinding, relation: &Relation, change: &Change) -> bool 
             None => false,
         }
     })
+}
+
+/// Visibility queries run at once on the exclusive connections.
+const VISIBILITY_CONCURRENCY: usize = 4;
+
+/// Interned viewers are compared by address.
+fn viewer_key(viewer: &Arc<Viewer>) -> usize {
+    Arc::as_ptr(viewer) as usize
 }
 
 fn needs_rls_check(sub: &Subscription) -> bool {
