@@ -140,10 +140,52 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// JSON Web Key Set (`{"keys":[…]}`) for RS256/384/512, ES256/384 and EdDSA tokens, and HS
+    /// tokens whose `kid` names an `oct` key. Also read from `JWT_JWKS`.
+    #[arg(long, env = "API_JWT_JWKS", hide_env_values = true)]
+    pub jwt_jwks: Option<Secret>,
+
+    /// A file holding a JSON Web Key Set; read at start and at every JWKS refresh.
+    #[arg(long, env = "JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<std::path::PathBuf>,
+
+    /// An http(s) URL serving a JSON Web Key Set (e.g. `…/auth/v1/.well-known/jwks.json`);
+    /// fetched at start, every `JWT_JWKS_REFRESH_SECS`, and when a token names an unknown `kid`.
+    #[arg(long, env = "JWT_JWKS_URL", hide_env_values = true)]
+    pub jwt_jwks_url: Option<Secret>,
+
+    /// Interval between JWKS refreshes (file and URL), in seconds.
+    #[arg(long, env = "JWT_JWKS_REFRESH_SECS", default_value_t = 300)]
+    pub jwt_jwks_refresh_secs: u64,
+
+    /// JSON object of claims every token must carry with exactly these values, e.g.
+    /// `{"iss":"https://<project>.supabase.co/auth/v1","aud":"authenticated"}`.
+    #[arg(long, env = "JWT_CLAIM_VALIDATORS", default_value = "{}")]
+    pub jwt_claim_validators: String,
+
+    /// Comma-separated `sb_publishable_…` keys accepted in place of a JWT, with anon claims.
+    #[arg(
+        long,
+        env = "SB_PUBLISHABLE_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub sb_publishable_keys: Vec<Secret>,
+
+    /// Comma-separated `sb_secret_…` keys accepted in place of a JWT, with service_role claims.
+    #[arg(
+        long,
+        env = "SB_SECRET_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub sb_secret_keys: Vec<Secret>,
 }
 
 impl Config {
-    /// Reads flags and environment; `JWT_SECRET` stands in for `API_JWT_SECRET`.
+    /// Reads flags and environment; `JWT_SECRET` stands in for `API_JWT_SECRET`, `JWT_JWKS` for
+    /// `API_JWT_JWKS`.
     pub fn from_env_and_args() -> Config {
         let mut config = Config::parse();
         if config.jwt_secret.is_none()
@@ -151,6 +193,12 @@ impl Config {
             && !secret.is_empty()
         {
             config.jwt_secret = Some(Secret(secret));
+        }
+        if config.jwt_jwks.is_none()
+            && let Ok(jwks) = std::env::var("JWT_JWKS")
+            && !jwks.is_empty()
+        {
+            config.jwt_jwks = Some(Secret(jwks));
         }
         config
     }
@@ -182,6 +230,7 @@ impl Config {
         if self.websocket_idle_timeout_ms == 0 {
             return Err("WEBSOCKET_IDLE_TIMEOUT_MS must be at least 1".into());
         }
+        crate::auth::check_config(self)?;
         Ok(())
     }
 

@@ -10,7 +10,8 @@
 //! - `presence`: Phoenix.Presence state per topic and its diffs.
 //! - `registry`: topic → members, and the encode-once fan-out.
 //! - `outbox`: a socket's bounded queue of encoded frames and the slow-consumer rule.
-//! - `auth`: token verification.
+//! - `auth`: token verification: HS secret, JWKS (inline, file, URL with refresh), claim
+//!   validators, `sb_` API keys.
 //! - `metrics`: counters and the Prometheus text.
 //!
 //! [`run`] is the whole gateway; `main.rs` only wires it to the process.
@@ -58,6 +59,7 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::default());
     let shutdown_token = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let verifier = auth::Verifier::from_config(&config, &secret).map_err(anyhow::Error::msg)?;
     let postgres = match &config.database_url {
         None => None,
         Some(url) => {
@@ -79,8 +81,11 @@ pub async fn run(
             Some(pg)
         }
     };
+    verifier
+        .start_refresh(&tracker, shutdown_token.clone())
+        .await;
     let shared = Arc::new(Shared {
-        verifier: auth::Verifier::new(&secret),
+        verifier,
         config,
         registry,
         metrics,
