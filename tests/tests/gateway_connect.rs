@@ -258,3 +258,46 @@ async fn heartbeats_keep_a_socket_past_the_idle_timeout() -> anyhow::Result<()> 
     assert_eq!(closed.frame, Some((1000, "idle timeout".to_owned())));
     Ok(())
 }
+
+#[tokio::test]
+async fn vsn_is_checked_before_auth_and_without_the_backoff() -> anyhow::Result<()> {
+    // Phoenix negotiates the serializer before the socket's connect callback runs.
+    let gw = TestGateway::start_with(|c| c.connect_error_backoff_ms = 1000).await?;
+    let started = Instant::now();
+    let r = gw.upgrade(&format!("{SOCKET}?vsn=3.0.0"), &[]).await?;
+    assert_eq!(r.status, 403);
+    assert!(r.body.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn oversized_frame_ends_only_that_socket() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|c| c.max_frame_size = 1000).await?;
+    let mut big = gw.connect(Vsn::V2).await?;
+    let mut other = gw.connect(Vsn::V2).await?;
+    let filler = "x".repeat(2000);
+    big.send_text(&format!(
+        r#"[null,"1","phoenix","heartbeat",{{"f":"{filler}"}}]"#
+    ))
+    .await?;
+    let (before, closed) = big.drain_until_closed(WAIT).await?;
+    assert!(before.is_empty(), "{before:?}");
+    if let Some((code, _)) = closed.frame {
+        assert_eq!(code, 1009, "message too big");
+    }
+    other.expect_nothing().await?;
+    // Under the limit is fine.
+    let mut ok = gw.connect(Vsn::V2).await?;
+    ok.send_text(&format!(
+        r#"[null,"1","phoenix","heartbeat",{{"f":"{}"}}]"#,
+        "x".repeat(500)
+    ))
+    .await?;
+    assert_eq!(ok.recv_text().await?.msg_ref, json!("1"));
+    Ok(())
+}

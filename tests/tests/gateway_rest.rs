@@ -364,3 +364,41 @@ async fn rest_is_cors_open() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn rest_payload_cap_is_a_422() -> anyhow::Result<()> {
+    let gw = TestGateway::start_with(|c| c.max_payload_size_in_kb = 1).await?;
+    let (mut v1, mut v2) = subscribers(&gw, ROOM).await;
+    let anon = gw.tokens().anon();
+    let big = json!({"s": "x".repeat(2000)});
+    let body = json!({"messages": [{"topic": "room1", "event": "e", "payload": big}]}).to_string();
+    let r = gw
+        .request(
+            "POST",
+            "/api/broadcast",
+            &[("apikey", &anon), ("content-type", "application/json")],
+            body.as_bytes(),
+        )
+        .await?;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(
+        r.json()?,
+        json!({"errors": {"messages": [{"payload": ["Payload size exceeds tenant limit"]}]}})
+    );
+    let r = gw
+        .request(
+            "POST",
+            "/api/broadcast/room1/events/e",
+            &[("apikey", &anon), ("content-type", "application/json")],
+            big.to_string().as_bytes(),
+        )
+        .await?;
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert_eq!(
+        r.json()?,
+        json!({"errors": {"payload": ["Payload size exceeds tenant limit"]}})
+    );
+    v1.expect_nothing().await?;
+    v2.expect_nothing().await?;
+    Ok(())
+}
