@@ -734,3 +734,34 @@ async fn user_token_wins_over_access_token() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn one_socket_many_channels_leave_one_keeps_the_others() -> anyhow::Result<()> {
+    let gw = TestGateway::start().await?;
+    let mut c = gw.connect(Vsn::V2).await?;
+    let (a, _) = c.join_ok("realtime:a", default_config()).await?;
+    let (b, _) = c.join_ok("realtime:b", default_config()).await?;
+    assert_ne!(a, b);
+    let mut peer = gw.connect(Vsn::V1).await?;
+    let (pa, _) = peer.join_ok("realtime:a", default_config()).await?;
+    let (pb, _) = peer.join_ok("realtime:b", default_config()).await?;
+    let leave = c
+        .push(Some(&a), "realtime:a", "phx_leave", &json!({}))
+        .await?;
+    c.expect_reply(&leave).await?;
+    c.expect_event("realtime:a", "phx_close").await?;
+    peer.broadcast(&pa, "realtime:a", "e", &json!({"to": "a"}))
+        .await?;
+    peer.broadcast(&pb, "realtime:b", "e", &json!({"to": "b"}))
+        .await?;
+    peer.sync().await?;
+    let got = c.sync().await?;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let t = got[0].text().expect("text");
+    assert_eq!(
+        (t.topic.as_str(), &t.payload["payload"]),
+        ("realtime:b", &json!({"to": "b"}))
+    );
+    assert_eq!(gw.metric("realtime_channels").await?, 3.0);
+    Ok(())
+}

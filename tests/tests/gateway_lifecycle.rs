@@ -339,3 +339,35 @@ async fn shutdown_does_not_wait_for_a_delayed_connect_refusal() -> anyhow::Resul
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn receiving_does_not_count_as_activity() -> anyhow::Result<()> {
+    // The idle timeout is about frames from the client (Phoenix `timeout`); a socket that only
+    // receives still idles out.
+    let gw = TestGateway::start_with(|c| c.websocket_idle_timeout_ms = 600).await?;
+    let mut listener = gw.connect(Vsn::V2).await?;
+    listener.join_ok(ROOM, config("")).await?;
+    let mut talker = gw.connect(Vsn::V2).await?;
+    let (tjr, _) = talker.join_ok(ROOM, config("")).await?;
+    let started = Instant::now();
+    let mut received = 0;
+    let closed = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "listener never idled out"
+        );
+        talker.broadcast(&tjr, ROOM, "tick", &json!({})).await?;
+        talker.sync().await?;
+        match listener.recv_within(Duration::from_millis(200)).await {
+            Ok(Received::Closed(c)) => break c,
+            Ok(_) => received += 1,
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(received > 0);
+    assert_eq!(closed.frame, Some((1000, "idle timeout".to_owned())));
+    // The talker, which kept sending, is still open.
+    talker.expect_nothing().await?;
+    Ok(())
+}
