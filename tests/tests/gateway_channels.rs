@@ -765,3 +765,25 @@ async fn one_socket_many_channels_leave_one_keeps_the_others() -> anyhow::Result
     assert_eq!(gw.metric("realtime_channels").await?, 3.0);
     Ok(())
 }
+
+#[tokio::test]
+async fn invalid_join_payloads_are_not_rejected() -> anyhow::Result<()> {
+    // §4.1: InvalidJoinPayload is logged and the join goes on with what could be cast.
+    let gw = TestGateway::start().await?;
+    let mut c = gw.connect(Vsn::V2).await?;
+    for (i, payload) in [
+        json!("not an object"),
+        json!({"config": null}),
+        json!({"config": {"broadcast": "nope", "presence": 7, "postgres_changes": "x"}}),
+        json!({}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let topic = format!("realtime:lenient{i}");
+        let jr = c.join(&topic, &payload).await?;
+        let reply = c.expect_reply(&jr).await?;
+        assert_eq!(reply.status(), Some("ok"), "{payload}: {}", reply.raw);
+    }
+    Ok(())
+}
