@@ -66,14 +66,20 @@ async fn blocked_consumer_keeps_the_connection_and_shutdown_confirms_acks() -> a
     c.execute("INSERT INTO t VALUES (100)", &[]).await?;
     let tx = l.next().await?;
     l.stop().await?;
-    let confirmed: String = c
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'keepalive'",
-            &[],
-        )
-        .await?
-        .get(0);
-    let confirmed: realtime_wal_listener::Lsn = confirmed.parse()?;
-    assert!(confirmed >= tx.end_lsn, "{confirmed} < {}", tx.end_lsn);
+    // The walsender applies the update after our write returns: poll briefly.
+    let end = tx.end_lsn;
+    realtime_tests::postgres::wait_for(Duration::from_secs(5), "confirmed flush", || async {
+        let confirmed: String = c
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots \
+                 WHERE slot_name = 'keepalive'",
+                &[],
+            )
+            .await?
+            .get(0);
+        let confirmed: realtime_wal_listener::Lsn = confirmed.parse()?;
+        Ok((confirmed >= end).then_some(()))
+    })
+    .await?;
     Ok(())
 }
