@@ -118,9 +118,15 @@ impl Channels {
         }
         let frame = Frame::text(self.vsn().encode(join_ref, msg_ref, topic, event, payload));
         let outbox = self.outbox.clone();
+        let shutdown = self.shared.shutdown.clone();
         self.shared.tracker.spawn(async move {
-            tokio::time::sleep(delay).await;
-            outbox.push(frame);
+            // Shutdown does not wait for a delayed refusal: the socket is closing anyway.
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {
+                    outbox.push(frame);
+                }
+                () = shutdown.cancelled() => {}
+            }
         });
     }
 

@@ -135,7 +135,11 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>) -> WarpRespons
     };
     if let Err(e) = verified {
         Metrics::add(&shared.metrics.connections_refused, 1);
-        tokio::time::sleep(shared.config.connect_error_backoff()).await;
+        // The refusal waits, as the reference does, but never holds up shutdown.
+        tokio::select! {
+            () = tokio::time::sleep(shared.config.connect_error_backoff()) => {}
+            () = shared.shutdown.cancelled() => {}
+        }
         let (status, message) = e.connect_response();
         let status = StatusCode::from_u16(status).unwrap_or(StatusCode::UNAUTHORIZED);
         return json(status, &serde_json::json!({ "error": message }).to_string());

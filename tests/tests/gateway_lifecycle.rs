@@ -278,7 +278,6 @@ async fn shutdown_is_prompt_with_an_idle_keep_alive_http_connection() -> anyhow:
 }
 
 #[tokio::test]
-#[ignore = "gateway bug: a delayed join error reply (channel.rs send_later) is a tracked task that sleeps through shutdown, so run waits up to CHANNEL_ERROR_BACKOFF_MS"]
 async fn shutdown_does_not_wait_for_delayed_join_errors() -> anyhow::Result<()> {
     let gw = TestGateway::start_with(|c| {
         c.shutdown_timeout_ms = 8000;
@@ -302,7 +301,6 @@ async fn shutdown_does_not_wait_for_delayed_join_errors() -> anyhow::Result<()> 
 }
 
 #[tokio::test]
-#[ignore = "gateway bug: a refused upgrade sleeps CONNECT_ERROR_BACKOFF_MS (http.rs upgrade) without watching shutdown, so run waits for it"]
 async fn shutdown_does_not_wait_for_a_delayed_connect_refusal() -> anyhow::Result<()> {
     let gw = TestGateway::start_with(|c| {
         c.shutdown_timeout_ms = 8000;
