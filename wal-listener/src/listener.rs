@@ -290,6 +290,11 @@ impl Listener {
             keepalive_pos: Lsn::ZERO,
             next_status: Instant::now() + self.config.status_interval,
         };
+        // One cancellation future and one timer for the whole session, not one per read.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
+        let status_timer = tokio::time::sleep_until(st.next_status);
+        tokio::pin!(status_timer);
         loop {
             // Messages already buffered are handled without going through `select!`: a read brings
             // many of them, and the per-message cost is what limits small transactions.
@@ -300,18 +305,23 @@ impl Listener {
                     }
                     frame
                 }
-                None => tokio::select! {
-                    biased;
-                    _ = shutdown.cancelled() => {
-                        self.send_status(conn, &mut st, false).await?;
-                        return Ok(SessionEnd::Shutdown);
+                None => {
+                    if status_timer.deadline() != st.next_status {
+                        status_timer.as_mut().reset(st.next_status);
                     }
-                    _ = tokio::time::sleep_until(st.next_status) => {
-                        self.send_status(conn, &mut st, false).await?;
-                        continue;
+                    tokio::select! {
+                        biased;
+                        _ = &mut cancelled => {
+                            self.send_status(conn, &mut st, false).await?;
+                            return Ok(SessionEnd::Shutdown);
+                        }
+                        _ = &mut status_timer => {
+                            self.send_status(conn, &mut st, false).await?;
+                            continue;
+                        }
+                        frame = conn.read_frame() => frame?,
                     }
-                    frame = conn.read_frame() => frame?,
-                },
+                }
             };
             match frame.tag {
                 b'd' => {
@@ -518,16 +528,26 @@ impl Listener {
         tx: Transaction,
         shutdown: &CancellationToken,
     ) -> Result<Option<SessionEnd>, Error> {
-        let permit = loop {
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => {
-                    self.send_status(conn, st, false).await?;
-                    return Ok(Some(SessionEnd::Shutdown));
-                }
-                permit = self.out.reserve() => break permit.map_err(|_| Error::ConsumerGone)?,
-                _ = tokio::time::sleep_until(st.next_status) => {
-                    self.send_status(conn, st, false).await?;
+        // Fast path: room in the queue, no waiting, no timer or cancellation future to set up.
+        let permit = match self.out.try_reserve() {
+            Ok(permit) => Some(permit),
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(Error::ConsumerGone),
+            Err(mpsc::error::TrySendError::Full(())) => None,
+        };
+        let permit = if let Some(permit) = permit {
+            permit
+        } else {
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => {
+                        self.send_status(conn, st, false).await?;
+                        return Ok(Some(SessionEnd::Shutdown));
+                    }
+                    permit = self.out.reserve() => break permit.map_err(|_| Error::ConsumerGone)?,
+                    _ = tokio::time::sleep_until(st.next_status) => {
+                        self.send_status(conn, st, false).await?;
+                    }
                 }
             }
         };
