@@ -35,7 +35,15 @@ pub async fn connect(cfg: &ConnectConfig) -> Result<Client, Error> {
     if let Some(p) = &cfg.password {
         pg.password(p.expose());
     }
-    let (client, connection) = pg.connect_raw(stream, NoTls).await?;
+    let (client, connection) =
+        tokio::time::timeout(cfg.connect_timeout, pg.connect_raw(stream, NoTls))
+            .await
+            .map_err(|_| {
+                Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "sql connection startup timed out",
+                ))
+            })??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "admin connection ended");

@@ -20,6 +20,18 @@
 //!   the same `commit_lsn`; a consumer that remembers the last LSN it handled can drop them.
 //! - Non-transactional logical messages are delivered as one-change transactions with `xid` 0 and
 //!   `commit_lsn` = `end_lsn` = the message's LSN.
+//!
+//! # Operational notes
+//!
+//! - Only changes committed after the slot exists are streamed. [`LagHandle::is_streaming`] turns
+//!   true once `START_REPLICATION` has succeeded; use it as the readiness signal.
+//! - Postgres persists a slot's confirmed position at checkpoints. After a Postgres crash, or a
+//!   restart whose shutdown checkpoint came before the last status update, transactions the consumer
+//!   had acknowledged can come again (same LSN). At-least-once, as promised; dedupe by `commit_lsn`.
+//! - A fast shutdown of Postgres waits until the walsender's client has confirmed everything sent, so
+//!   a consumer that stops acknowledging also holds up a Postgres shutdown.
+//! - A consumer after throughput should take transactions with `Receiver::recv_many`: one wake-up
+//!   for everything queued rather than one per transaction.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

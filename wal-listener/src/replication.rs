@@ -45,8 +45,19 @@ pub(crate) struct ReplicationConn {
 pub(crate) type Rows = Vec<Vec<Option<String>>>;
 
 impl ReplicationConn {
-    /// Connects with `replication=database` and authenticates.
+    /// Connects with `replication=database` and authenticates, within `connect_timeout`.
     pub(crate) async fn connect(cfg: &ConnectConfig) -> Result<Self, Error> {
+        tokio::time::timeout(cfg.connect_timeout, Self::connect_inner(cfg))
+            .await
+            .map_err(|_| {
+                Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "replication connection startup timed out",
+                ))
+            })?
+    }
+
+    async fn connect_inner(cfg: &ConnectConfig) -> Result<Self, Error> {
         let stream = transport::connect(cfg).await?;
         let mut conn = ReplicationConn {
             stream,
