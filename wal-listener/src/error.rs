@@ -138,3 +138,61 @@ impl Error {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str, message: &str, detail: Option<&str>) -> ServerError {
+        ServerError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: detail.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn classification() {
+        let map = |e| Error::from_server(e, "s", "p", "u");
+        let active = map(server(
+            "55006",
+            "replication slot \"s\" is active for PID 7",
+            None,
+        ));
+        assert!(matches!(active, Error::SlotActive { .. }) && active.is_retryable());
+        let lost = map(server(
+            "55000",
+            "cannot read from logical replication slot \"s\"",
+            Some("This slot has been invalidated because it exceeded the maximum reserved size."),
+        ));
+        assert!(matches!(lost, Error::SlotInvalidated { .. }) && !lost.is_retryable());
+        let wal = map(server(
+            "55000",
+            "logical decoding requires wal_level >= logical",
+            None,
+        ));
+        assert!(matches!(wal, Error::WalLevelNotLogical { .. }));
+        let publication = map(server("42704", "publication \"p\" does not exist", None));
+        assert!(matches!(publication, Error::PublicationMissing { .. }));
+        let privilege = map(server(
+            "42501",
+            "must be superuser or replication role to start walsender",
+            None,
+        ));
+        assert!(matches!(
+            privilege,
+            Error::MissingReplicationPrivilege { .. }
+        ));
+        assert!(
+            map(server(
+                "57P01",
+                "terminating connection due to administrator command",
+                None
+            ))
+            .is_retryable()
+        );
+        assert!(map(server("08006", "connection failure", None)).is_retryable());
+        assert!(!map(server("28P01", "password authentication failed", None)).is_retryable());
+    }
+}
