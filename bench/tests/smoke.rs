@@ -38,17 +38,17 @@ async fn every_scenario_runs_against_both_servers() {
         let plans = [
             broadcast::Plan::fanout(5, 20.0, 100, 0.3),
             broadcast::Plan::fanout(3, 10.0, 10_240, 0.3),
-            broadcast::Plan::echo_and_groups(12, 100, 1.2),
+            broadcast::Plan::echo_and_groups(12, 100, 0.6),
             broadcast::Plan::large_fanout(20, 10, 10.0, 100, 0.3),
         ];
         for mut plan in plans {
-            plan.drain = Duration::from_millis(300);
+            plan.drain = Duration::from_millis(200);
             let o = broadcast::run(target, &plan).await.unwrap();
             assert!(o.sent > 0, "{name}: nothing sent: {o:?}");
             assert!(o.delivered > 0, "{name}: nothing delivered: {o:?}");
             assert_eq!(o.errors, 0, "{name}: {o:?}");
         }
-        let o = idle::run(target, 20, 3, Duration::from_millis(300))
+        let o = idle::run(target, 20, 3, Duration::from_millis(200))
             .await
             .unwrap();
         assert_eq!(o.lost, 0, "{name}: {o:?}");

@@ -7,9 +7,11 @@ use crate::scenario::{Latency, connect_all};
 use crate::servers::Target;
 use crate::sys::{CpuReport, CpuSampler};
 use futures_util::{SinkExt, StreamExt};
-use serde::Serialize;
-use serde_json::Value;
-use std::collections::HashSet;
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -30,25 +32,42 @@ pub struct Outcome {
     pub cpu: CpuReport,
 }
 
-/// Applies one presence frame to a member's set of keys.
+/// The keys of a `presence_state` payload, or of a diff's `joins` / `leaves` (metas skipped).
+type Keys<'a> = HashMap<Cow<'a, str>, IgnoredAny>;
+
+#[derive(Deserialize)]
+struct Diff<'a> {
+    #[serde(borrow, default)]
+    joins: Keys<'a>,
+    #[serde(borrow, default)]
+    leaves: Keys<'a>,
+}
+
+/// Applies one presence frame to a member's set of keys, as realtime-js's sync does (leaves,
+/// then joins). Parses only the keys: a 1,000-member room sends each member 1,000 diffs.
 fn apply(keys: &mut HashSet<String>, text: &str) {
     let Ok((_, _, _, event, payload)) =
-        serde_json::from_str::<(Value, Value, String, String, Value)>(text)
+        serde_json::from_str::<(IgnoredAny, IgnoredAny, IgnoredAny, &str, &RawValue)>(text)
     else {
         return;
     };
-    let names = |v: Option<&Value>| -> Vec<String> {
-        v.and_then(Value::as_object)
-            .map(|o| o.keys().cloned().collect())
-            .unwrap_or_default()
-    };
-    match event.as_str() {
-        "presence_state" => keys.extend(names(Some(&payload))),
-        "presence_diff" => {
-            for k in names(payload.get("leaves")) {
-                keys.remove(&k);
+    match event {
+        "presence_state" => {
+            if let Ok(state) = serde_json::from_str::<Keys<'_>>(payload.get()) {
+                keys.extend(state.into_keys().map(Cow::into_owned));
             }
-            keys.extend(names(payload.get("joins")));
+        }
+        "presence_diff" => {
+            if let Ok(diff) = serde_json::from_str::<Diff<'_>>(payload.get()) {
+                for k in diff.leaves.keys() {
+                    keys.remove(k.as_ref());
+                }
+                for k in diff.joins.into_keys() {
+                    if !keys.contains(k.as_ref()) {
+                        keys.insert(k.into_owned());
+                    }
+                }
+            }
         }
         _ => {}
     }
@@ -176,4 +195,33 @@ pub async fn run(target: &Target, members: usize, timeout: Duration) -> anyhow::
         track_errors: errors,
         cpu,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_and_diffs_apply_like_realtime_js() {
+        let mut keys = HashSet::new();
+        apply(
+            &mut keys,
+            r#"["1",null,"realtime:r","presence_state",{"a":{"metas":[{"phx_ref":"1"}]}}]"#,
+        );
+        apply(
+            &mut keys,
+            r#"[null,null,"realtime:r","presence_diff",{"joins":{"b":{"metas":[{"phx_ref":"2","n":{"x":1}}]}},"leaves":{}}]"#,
+        );
+        assert_eq!(keys.len(), 2);
+        // A re-track: the same key leaves and joins in one diff.
+        apply(
+            &mut keys,
+            r#"[null,null,"realtime:r","presence_diff",{"joins":{"b":{"metas":[]}},"leaves":{"b":{"metas":[]}}}]"#,
+        );
+        apply(
+            &mut keys,
+            r#"[null,null,"realtime:r","presence_diff",{"joins":{},"leaves":{"a":{"metas":[]}}}]"#,
+        );
+        assert_eq!(keys, HashSet::from(["b".to_owned()]));
+    }
 }
