@@ -423,6 +423,12 @@ async fn md5_scram_and_tls_connections() -> anyhow::Result<()> {
     ];
     if cluster.tls() {
         urls.push((
+            "prefer",
+            cluster
+                .url_for("scram_user", "scram%3Apass", &db.name)
+                .replace("sslmode=disable", "sslmode=prefer"),
+        ));
+        urls.push((
             "tls",
             cluster
                 .url_for("scram_user", "scram%3Apass", &db.name)
@@ -442,7 +448,7 @@ async fn md5_scram_and_tls_connections() -> anyhow::Result<()> {
             Some(i.to_string().as_str()),
             "{label}"
         );
-        if *label == "tls" {
+        if matches!(*label, "tls" | "prefer") {
             let ssl: Option<bool> = c
                 .query_one(
                     "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
@@ -596,5 +602,51 @@ async fn backpressure_stops_reading_and_drops_nothing() -> anyhow::Result<()> {
         };
         assert_eq!(text(new, 0), Some(i.to_string().as_str()));
     }
+    l.stop().await
+}
+
+#[tokio::test]
+async fn logical_messages_with_the_messages_option() -> anyhow::Result<()> {
+    let (db, c) = db().await?;
+    let mut cfg = config(&db.url, "messages");
+    cfg.messages = true;
+    let mut l = start_ready(cfg).await?;
+    c.batch_execute("SELECT pg_logical_emit_message(false, 'realtime', 'outside')")
+        .await?;
+    c.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY);
+         BEGIN; INSERT INTO t VALUES (1);
+         SELECT pg_logical_emit_message(true, 'realtime', 'inside'); COMMIT;",
+    )
+    .await?;
+    let outside = l.next().await?;
+    assert_eq!(outside.xid, 0);
+    assert_eq!(outside.commit_lsn, outside.end_lsn);
+    let Change::Message {
+        transactional,
+        prefix,
+        content,
+    } = &outside.changes[0]
+    else {
+        panic!("{outside:?}")
+    };
+    assert!(!transactional);
+    assert_eq!(
+        (prefix.as_str(), &content[..]),
+        ("realtime", &b"outside"[..])
+    );
+    let inside = l.next().await?;
+    assert!(inside.commit_lsn > outside.commit_lsn);
+    assert!(matches!(inside.changes[0], Change::Insert { .. }));
+    let Change::Message {
+        transactional,
+        content,
+        ..
+    } = &inside.changes[1]
+    else {
+        panic!("{inside:?}")
+    };
+    assert!(*transactional);
+    assert_eq!(&content[..], b"inside");
     l.stop().await
 }
