@@ -52,6 +52,7 @@ pub(crate) struct Metrics {
     pub(crate) dropped_deliveries: AtomicU64,
     pub(crate) wal_transactions: AtomicU64,
     pub(crate) wal_changes: AtomicU64,
+    pub(crate) wal_redelivered: AtomicU64,
     pub(crate) postgres_changes_out: AtomicU64,
     pub(crate) visibility_queries: AtomicU64,
     pub(crate) db_broadcasts: AtomicU64,
@@ -143,6 +144,36 @@ impl Metrics {
                 "realtime_dropped_deliveries_total",
                 "Deliveries dropped because a socket did not drain.",
                 &self.dropped_deliveries,
+            ),
+            (
+                "realtime_wal_transactions_total",
+                "Transactions received from the WAL stream.",
+                &self.wal_transactions,
+            ),
+            (
+                "realtime_wal_redelivered_total",
+                "Transactions the WAL stream delivered again after a reconnect, dropped.",
+                &self.wal_redelivered,
+            ),
+            (
+                "realtime_wal_changes_total",
+                "Row changes received from the WAL stream.",
+                &self.wal_changes,
+            ),
+            (
+                "realtime_postgres_changes_out_total",
+                "postgres_changes frames queued to sockets.",
+                &self.postgres_changes_out,
+            ),
+            (
+                "realtime_visibility_queries_total",
+                "Batched RLS visibility queries.",
+                &self.visibility_queries,
+            ),
+            (
+                "realtime_db_broadcasts_total",
+                "Broadcasts from the database (realtime.messages).",
+                &self.db_broadcasts,
             ),
         ];
         for &(name, help, v) in counters {

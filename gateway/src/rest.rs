@@ -44,7 +44,18 @@ pub(crate) fn routes(
         .and(warp::get())
         .and(with_shared.clone())
         .map(|shared: Arc<Shared>| {
-            let mut r = shared.metrics.render().into_response();
+            let mut text = shared.metrics.render();
+            if let Some(pg) = &shared.postgres {
+                let lag = pg.lag.lag();
+                let streaming = u8::from(pg.lag.is_streaming());
+                text.push_str(&format!(
+                    "# HELP realtime_wal_streaming Whether the WAL stream is live.\n# TYPE realtime_wal_streaming gauge\nrealtime_wal_streaming {streaming}\n\
+                     # HELP realtime_wal_lag_bytes WAL bytes not yet confirmed to Postgres.\n# TYPE realtime_wal_lag_bytes gauge\nrealtime_wal_lag_bytes {}\n\
+                     # HELP realtime_wal_lag_seconds Age of the oldest unacknowledged transaction.\n# TYPE realtime_wal_lag_seconds gauge\nrealtime_wal_lag_seconds {}\n",
+                    lag.bytes, lag.seconds
+                ));
+            }
+            let mut r = text.into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; version=0.0.4"),

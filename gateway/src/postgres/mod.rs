@@ -252,6 +252,7 @@ async fn route_loop(
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut last_routed = realtime_wal_listener::Lsn::default();
     loop {
         let first = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -266,6 +267,14 @@ async fn route_loop(
                 Ok(tx) => batch.push(tx),
                 Err(_) => break,
             }
+        }
+        // The stream is at-least-once: after a reconnect, transactions already routed come again
+        // with the same commit LSN. They were delivered once; drop them.
+        let before = batch.len();
+        batch.retain(|tx| tx.commit_lsn > last_routed);
+        Metrics::add(&metrics.wal_redelivered, (before - batch.len()) as u64);
+        if let Some(last) = batch.last() {
+            last_routed = last.commit_lsn;
         }
         let stats = router::route(&pg.router, &registry, &pg.db, &batch, pg.max_record_bytes).await;
         Metrics::add(&metrics.wal_transactions, batch.len() as u64);
