@@ -1,6 +1,6 @@
-//! A V2 client that speaks like supabase-js (realtime-js 2.119): JSON array text frames for
-//! joins, heartbeats and presence; broadcasts as binary kind-3 pushes; receives kind-4 binary
-//! frames and text frames.
+//! A client that speaks like supabase-js (realtime-js 2.119) over either serializer. V2: JSON
+//! array text frames for joins, heartbeats and presence, broadcasts as binary kind-3 pushes,
+//! kind-4 binary and text deliveries. V1 (realtime-js 2.11): JSON objects only.
 //!
 //! Every broadcast payload the load generator sends starts with `{"t":<µs>`, the send time in
 //! microseconds on this process's clock ([`now_us`]), so a receiver in the same process reads its
@@ -42,8 +42,9 @@ pub fn join_payload(self_broadcast: bool, presence_key: Option<&str>, token: &st
     )
 }
 
-/// A V2 JSON array text frame.
+/// A text frame in `vsn`'s serializer (V2: JSON array; V1: JSON object).
 pub fn text_frame(
+    vsn: Vsn,
     join_ref: Option<u64>,
     msg_ref: u64,
     topic: &str,
@@ -52,17 +53,27 @@ pub fn text_frame(
 ) -> Message {
     let jr = join_ref.map(|r| Ref::from_string(&r.to_string()));
     let r = Ref::from_string(&msg_ref.to_string());
-    Message::text(Vsn::V2.encode(jr.as_ref(), Some(&r), topic, event, payload))
+    Message::text(vsn.encode(jr.as_ref(), Some(&r), topic, event, payload))
 }
 
-/// A kind-3 broadcast push as realtime-js builds it for `channel.send({type:'broadcast', ...})`.
+/// A broadcast push as realtime-js builds it for `channel.send({type:'broadcast', ...})`: a
+/// binary kind-3 frame on V2, a JSON `broadcast` text frame on V1.
 pub fn broadcast_push(
+    vsn: Vsn,
     join_ref: u64,
     msg_ref: u64,
     topic: &str,
     event: &str,
     payload: Bytes,
 ) -> Message {
+    if vsn == Vsn::V1 {
+        let body = realtime_protocol::payload::user_broadcast_json(
+            event,
+            std::str::from_utf8(&payload).unwrap_or("{}"),
+            None,
+        );
+        return text_frame(vsn, Some(join_ref), msg_ref, topic, "broadcast", &body);
+    }
     let push = BinaryPush {
         join_ref: Some(Ref::from_string(&join_ref.to_string())),
         msg_ref: Some(Ref::from_string(&msg_ref.to_string())),
@@ -126,18 +137,17 @@ pub fn classify(msg: &Message) -> Received {
             let t = t.as_str();
             // `[join_ref,ref,topic,event,payload]`: the event is the fourth element.
             if t.contains("\"phx_reply\"") {
-                let Ok((_, r, _, _, payload)) = serde_json::from_str::<(
-                    Option<String>,
-                    Option<String>,
-                    String,
-                    String,
-                    serde_json::Value,
-                )>(t) else {
+                let Ok(frame) = Vsn::V2.decode(t).or_else(|_| Vsn::V1.decode(t)) else {
                     return Received::Other;
                 };
+                let ok = serde_json::from_str::<serde_json::Value>(frame.payload.get())
+                    .is_ok_and(|p| p["status"] == "ok");
                 Received::Reply {
-                    msg_ref: r.and_then(|r| r.parse().ok()),
-                    ok: payload.get("status").and_then(|s| s.as_str()) == Some("ok"),
+                    msg_ref: frame
+                        .msg_ref
+                        .and_then(|r| serde_json::from_str::<String>(r.as_json()).ok())
+                        .and_then(|r| r.parse().ok()),
+                    ok,
                 }
             } else if t.contains("\"presence_diff\"") || t.contains("\"presence_state\"") {
                 Received::Presence
@@ -158,13 +168,20 @@ pub struct Endpoint {
     pub addr: String,
     /// The `apikey` (a JWT the gateway accepts; the limit server ignores it).
     pub token: String,
+    /// The serializer to ask for.
+    pub vsn: Vsn,
 }
 
 impl Endpoint {
     pub fn url(&self) -> String {
         format!(
-            "ws://{}/realtime/v1/websocket?apikey={}&vsn=2.0.0",
-            self.addr, self.token
+            "ws://{}/realtime/v1/websocket?apikey={}&vsn={}",
+            self.addr,
+            self.token,
+            match self.vsn {
+                Vsn::V1 => "1.0.0",
+                Vsn::V2 => "2.0.0",
+            }
         )
     }
 }
@@ -172,6 +189,7 @@ impl Endpoint {
 /// A joined socket: the stream and its channels' join refs, in join order.
 pub struct Client {
     pub ws: Ws,
+    pub vsn: Vsn,
     pub topics: Vec<(String, u64)>,
     next_ref: u64,
     /// Bytes received in frames so far.
@@ -199,6 +217,7 @@ impl Client {
                 .with_context(|| format!("connecting to {}", endpoint.addr))?;
         Ok(Client {
             ws,
+            vsn: endpoint.vsn,
             topics: Vec::new(),
             next_ref: 1,
             bytes_in: 0,
@@ -224,6 +243,7 @@ impl Client {
         let payload = join_payload(self_broadcast, presence_key, token);
         self.ws
             .send(text_frame(
+                self.vsn,
                 Some(join_ref),
                 join_ref,
                 &topic,
@@ -256,7 +276,7 @@ impl Client {
     /// A heartbeat frame with a fresh ref.
     pub fn heartbeat(&mut self) -> Message {
         let r = self.next_ref();
-        text_frame(None, r, "phoenix", "heartbeat", "{}")
+        text_frame(self.vsn, None, r, "phoenix", "heartbeat", "{}")
     }
 }
 
@@ -296,6 +316,18 @@ mod tests {
                 ok: true
             }
         );
+        let v1 = Message::text(
+            r#"{"topic":"realtime:r","event":"phx_reply","payload":{"status":"error","response":{}},"ref":"7"}"#,
+        );
+        assert_eq!(
+            classify(&v1),
+            Received::Reply {
+                msg_ref: Some(7),
+                ok: false
+            }
+        );
+        let v1 = broadcast_push(Vsn::V1, 1, 2, "realtime:r", "bench", stamped_payload(64));
+        assert!(matches!(classify(&v1), Received::Broadcast(Some(_))));
     }
 
     #[test]

@@ -8,7 +8,11 @@
 //! `track` stores the meta and sends one `presence_diff` frame to every member; a join with
 //! presence enabled gets `presence_state`; a closing socket sends the leaves.
 //!
-//! It is not a product: no V1, no `ack` option, no limits beyond a bounded outbox per socket
+//! Both serializers: a V1 socket gets JSON objects, and a binary push reaches it as a JSON
+//! `broadcast` (or not at all when the payload is binary), as protocol.md §2.4 says; each frame is
+//! built at most once per serializer.
+//!
+//! It is not a product: no `ack` option, no limits beyond a bounded outbox per socket
 //! whose overflow drops frames (counted in `dropped`).
 
 use bytes::Bytes;
@@ -17,8 +21,11 @@ use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use realtime_protocol::binary;
+use realtime_protocol::binary::{self, PayloadEncoding};
+use realtime_protocol::{Ref, Vsn, payload};
+use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,8 +45,9 @@ const WRITE_BATCH: usize = 64;
 
 type Outbox = mpsc::Sender<Message>;
 
-/// A joined socket: its id, its outbox, and whether it gets its own broadcasts back.
-type Member = (u64, Outbox, bool);
+/// A joined socket: its id, its outbox, whether it gets its own broadcasts back, and its
+/// serializer.
+type Member = (u64, Outbox, bool, Vsn);
 
 #[derive(Default)]
 struct Topic {
@@ -62,10 +70,25 @@ impl Relay {
         self.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `frame` to every member; the `sender`, if any, only when it asked for `self`.
-    fn fan_out(&self, members: &[Member], sender: Option<u64>, frame: &Message) {
-        for (id, tx, echo) in members {
-            if (*echo || Some(*id) != sender) && tx.try_send(frame.clone()).is_err() {
+    /// Sends a frame to every member; the `sender`, if any, only when it asked for `self`.
+    /// `frame` builds the frame for a serializer (`None`: nothing for it); it runs at most once
+    /// per serializer, and the frame is shared by all members that use it.
+    fn fan_out(
+        &self,
+        members: &[Member],
+        sender: Option<u64>,
+        frame: impl Fn(Vsn) -> Option<Message>,
+    ) {
+        let mut built: [Option<Option<Message>>; 2] = [None, None];
+        for (id, tx, echo, vsn) in members {
+            if !*echo && Some(*id) == sender {
+                continue;
+            }
+            let slot = &mut built[usize::from(*vsn == Vsn::V2)];
+            let Some(frame) = slot.get_or_insert_with(|| frame(*vsn)) else {
+                continue;
+            };
+            if tx.try_send(frame.clone()).is_err() {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -108,6 +131,20 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Response<Full<Bytes
         return Response::new(Full::new(Bytes::from(stats)));
     };
     let accept = derive_accept_key(key.as_bytes());
+    // `vsn=2.0.x` is V2; anything else (or nothing) V1, as the gateway maps a missing `vsn`.
+    let vsn = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("vsn="))
+        .map_or(Vsn::V1, |v| {
+            if v.starts_with("2.") {
+                Vsn::V2
+            } else {
+                Vsn::V1
+            }
+        });
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         if let Ok(upgraded) = on_upgrade.await {
@@ -121,7 +158,7 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Response<Full<Bytes
                 Some(config),
             )
             .await;
-            serve_socket(relay, ws).await;
+            serve_socket(relay, ws, vsn).await;
         }
     });
     let mut response = Response::new(Full::new(Bytes::new()));
@@ -141,7 +178,7 @@ fn upgrade(relay: Arc<Relay>, mut req: Request<Incoming>) -> Response<Full<Bytes
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// One socket: read and handle client frames, drain the outbox in batches.
-async fn serve_socket(relay: Arc<Relay>, mut ws: Ws) {
+async fn serve_socket(relay: Arc<Relay>, mut ws: Ws, vsn: Vsn) {
     let id = relay.next_id.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Message>(OUTBOX_FRAMES);
     let mut joined: Vec<Arc<str>> = Vec::new();
@@ -150,7 +187,7 @@ async fn serve_socket(relay: Arc<Relay>, mut ws: Ws) {
             incoming = ws.next() => match incoming {
                 Some(Ok(Message::Binary(frame))) => relay_binary(&relay, id, &frame),
                 Some(Ok(Message::Text(text))) => {
-                    handle_text(&relay, id, &tx, &mut joined, text.as_str());
+                    handle_text(&relay, id, vsn, &tx, &mut joined, text.as_str());
                 }
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
@@ -188,45 +225,109 @@ fn relay_binary(relay: &Relay, id: u64, frame: &Bytes) {
     let Ok(push) = binary::decode(frame) else {
         return;
     };
-    let Ok(out) = binary::encode_user_broadcast(
-        &push.topic,
-        &push.event,
-        &push.metadata,
-        push.encoding,
-        &push.payload,
-    ) else {
+    let topics = relay.topics();
+    let Some(topic) = topics.get(push.topic.as_str()) else {
         return;
     };
-    let out = Message::Binary(out);
-    let topics = relay.topics();
-    if let Some(topic) = topics.get(push.topic.as_str()) {
-        relay.fan_out(&topic.members, Some(id), &out);
+    relay.fan_out(&topic.members, Some(id), |vsn| match vsn {
+        Vsn::V2 => binary::encode_user_broadcast(
+            &push.topic,
+            &push.event,
+            &push.metadata,
+            push.encoding,
+            &push.payload,
+        )
+        .ok()
+        .map(Message::Binary),
+        // V1 sockets get a JSON `broadcast`, or nothing when the payload is binary.
+        Vsn::V1 => {
+            let payload = std::str::from_utf8(&push.payload).ok()?;
+            (push.encoding == PayloadEncoding::Json).then(|| {
+                let body = payload::user_broadcast_json(&push.event, payload, None);
+                Message::text(vsn.encode(None, None, &push.topic, "broadcast", &body))
+            })
+        }
+    });
+}
+
+/// A client text frame in either serializer: V2 `[join_ref, ref, topic, event, payload]` or a V1
+/// object.
+#[derive(Deserialize)]
+struct V1Frame<'a> {
+    #[serde(borrow)]
+    topic: Cow<'a, str>,
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    #[serde(rename = "ref", borrow, default)]
+    msg_ref: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    join_ref: Option<&'a RawValue>,
+}
+
+type Decoded<'a> = (
+    Option<Ref>,
+    Option<Ref>,
+    Cow<'a, str>,
+    Cow<'a, str>,
+    &'a RawValue,
+);
+
+fn decode_text(vsn: Vsn, text: &str) -> Option<Decoded<'_>> {
+    let refs = |r: Option<&RawValue>| r.and_then(Ref::from_raw);
+    match vsn {
+        Vsn::V2 => {
+            let (jr, r, topic, event, payload) = serde_json::from_str::<(
+                Option<&RawValue>,
+                Option<&RawValue>,
+                Cow<'_, str>,
+                Cow<'_, str>,
+                &RawValue,
+            )>(text)
+            .ok()?;
+            Some((refs(jr), refs(r), topic, event, payload))
+        }
+        Vsn::V1 => {
+            let f = serde_json::from_str::<V1Frame<'_>>(text).ok()?;
+            Some((
+                refs(f.join_ref),
+                refs(f.msg_ref),
+                f.topic,
+                f.event,
+                f.payload,
+            ))
+        }
     }
 }
 
-fn handle_text(relay: &Relay, id: u64, tx: &Outbox, joined: &mut Vec<Arc<str>>, text: &str) {
-    let Ok((join_ref, msg_ref, topic, event, payload)) =
-        serde_json::from_str::<(Option<&RawValue>, Option<&RawValue>, &str, &str, &RawValue)>(text)
-    else {
+fn handle_text(
+    relay: &Relay,
+    id: u64,
+    vsn: Vsn,
+    tx: &Outbox,
+    joined: &mut Vec<Arc<str>>,
+    text: &str,
+) {
+    let Some((join_ref, msg_ref, topic, event, payload)) = decode_text(vsn, text) else {
         return;
     };
-    let refs = |r: Option<&RawValue>| r.map_or("null", |r| r.get()).to_owned();
-    let (join_ref, msg_ref) = (refs(join_ref), refs(msg_ref));
-    let reply = |response: &str| {
-        let frame = format!(
-            "[{join_ref},{msg_ref},{},\"phx_reply\",{{\"status\":\"ok\",\"response\":{response}}}]",
-            json_str(topic)
-        );
-        let _ = tx.try_send(Message::text(frame));
+    let topic = topic.as_ref();
+    let send = |jr: Option<&Ref>, r: Option<&Ref>, event: &str, payload: &str| {
+        let _ = tx.try_send(Message::text(vsn.encode(jr, r, topic, event, payload)));
     };
-    match event {
+    let reply = |response: &str| {
+        let body = format!("{{\"status\":\"ok\",\"response\":{response}}}");
+        send(join_ref.as_ref(), msg_ref.as_ref(), "phx_reply", &body);
+    };
+    match event.as_ref() {
         "heartbeat" => reply("{}"),
         "phx_join" => {
             let topic: Arc<str> = topic.into();
             let (echo, presence) = join_config(payload);
             let mut topics = relay.topics();
             let entry = topics.entry(topic.clone()).or_default();
-            entry.members.push((id, tx.clone(), echo));
+            entry.members.push((id, tx.clone(), echo, vsn));
             reply("{\"postgres_changes\":[]}");
             if let Some(key) = presence {
                 let key = if key.is_empty() {
@@ -243,11 +344,7 @@ fn handle_text(relay: &Relay, id: u64, tx: &Outbox, joined: &mut Vec<Arc<str>>, 
                     state.push_str(&format!("{}:{{\"metas\":[{meta}]}}", json_str(k)));
                 }
                 state.push('}');
-                let frame = format!(
-                    "[{join_ref},null,{},\"presence_state\",{state}]",
-                    json_str(&topic)
-                );
-                let _ = tx.try_send(Message::text(frame));
+                send(join_ref.as_ref(), None, "presence_state", &state);
             }
             drop(topics);
             joined.push(topic);
@@ -260,13 +357,16 @@ fn handle_text(relay: &Relay, id: u64, tx: &Outbox, joined: &mut Vec<Arc<str>>, 
             }
         }
         "broadcast" => {
-            let frame = Message::text(format!(
-                "[null,null,{},\"broadcast\",{}]",
-                json_str(topic),
-                payload.get()
-            ));
             if let Some(t) = relay.topics().get(topic) {
-                relay.fan_out(&t.members, Some(id), &frame);
+                relay.fan_out(&t.members, Some(id), |vsn| {
+                    Some(Message::text(vsn.encode(
+                        None,
+                        None,
+                        topic,
+                        "broadcast",
+                        payload.get(),
+                    )))
+                });
             }
         }
         "presence" => {
@@ -315,29 +415,43 @@ fn track(relay: &Relay, id: u64, topic: &str, payload: &RawValue) {
     };
     let key = t.keys.get(&id).cloned().unwrap_or_else(|| format!("s{id}"));
     let diff = format!(
-        "[null,null,{},\"presence_diff\",{{\"joins\":{{{}:{{\"metas\":[{meta}]}}}},\"leaves\":{{}}}}]",
-        json_str(topic),
+        "{{\"joins\":{{{}:{{\"metas\":[{meta}]}}}},\"leaves\":{{}}}}",
         json_str(&key)
     );
     t.presence.insert(key, (id, meta));
-    relay.fan_out(&t.members, None, &Message::text(diff));
+    relay.fan_out(&t.members, None, |vsn| {
+        Some(Message::text(vsn.encode(
+            None,
+            None,
+            topic,
+            "presence_diff",
+            &diff,
+        )))
+    });
 }
 
 fn leave(relay: &Relay, topics: &mut HashMap<Arc<str>, Topic>, topic: &str, id: u64) {
     let Some(t) = topics.get_mut(topic) else {
         return;
     };
-    t.members.retain(|(m, _, _)| *m != id);
+    t.members.retain(|(m, ..)| *m != id);
     let key = t.keys.remove(&id).unwrap_or_else(|| format!("s{id}"));
     if t.presence.get(&key).is_some_and(|(owner, _)| *owner == id)
         && let Some((_, meta)) = t.presence.remove(&key)
     {
         let diff = format!(
-            "[null,null,{},\"presence_diff\",{{\"joins\":{{}},\"leaves\":{{{}:{{\"metas\":[{meta}]}}}}}}]",
-            json_str(topic),
+            "{{\"joins\":{{}},\"leaves\":{{{}:{{\"metas\":[{meta}]}}}}}}",
             json_str(&key)
         );
-        relay.fan_out(&t.members, None, &Message::text(diff));
+        relay.fan_out(&t.members, None, |vsn| {
+            Some(Message::text(vsn.encode(
+                None,
+                None,
+                topic,
+                "presence_diff",
+                &diff,
+            )))
+        });
     }
     if t.members.is_empty() {
         topics.remove(topic);

@@ -6,6 +6,7 @@ use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use realtime_bench::scenario::{self, broadcast, idle, presence, ratio};
 use realtime_bench::servers::{self, Target};
+use realtime_protocol::Vsn;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -50,6 +51,10 @@ struct ServerArgs {
     #[arg(long, global = true, env = "API_JWT_SECRET", hide_env_values = true,
           default_value = servers::DEV_SECRET)]
     secret: String,
+    /// Serializer the clients use: 2 (supabase-js today: JSON arrays + binary broadcasts) or 1
+    /// (realtime-js 2.11: JSON objects).
+    #[arg(long, global = true, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    vsn: u8,
     /// Where `realtime-gateway` and `limit-server` are (default: next to this binary).
     #[arg(long, global = true)]
     bin_dir: Option<PathBuf>,
@@ -163,6 +168,8 @@ fn targets(args: &ServerArgs) -> anyhow::Result<Vec<Target>> {
             },
             other => bail!("unknown server {other:?} (gateway, limit)"),
         };
+        let mut target = target;
+        target.endpoint.vsn = if args.vsn == 1 { Vsn::V1 } else { Vsn::V2 };
         out.push(target);
     }
     Ok(out)
@@ -443,6 +450,7 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
     };
     let doc = json!({
         "scenario": name,
+        "vsn": cli.servers.vsn,
         "unix_time": started,
         "machine": machine(ceiling),
         "params": params,

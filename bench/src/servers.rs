@@ -3,6 +3,7 @@
 
 use crate::client::Endpoint;
 use anyhow::{Context, bail};
+use realtime_protocol::Vsn;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -49,6 +50,7 @@ impl Target {
             endpoint: Endpoint {
                 addr: addr.to_owned(),
                 token: anon_key(secret),
+                vsn: Vsn::V2,
             },
             pid,
             child: None,
@@ -77,6 +79,7 @@ impl Target {
             endpoint: Endpoint {
                 addr: addr.clone(),
                 token: anon_key(DEV_SECRET),
+                vsn: Vsn::V2,
             },
             pid: Some(child.id()),
             child: Some(child),

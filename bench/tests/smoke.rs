@@ -3,6 +3,7 @@
 
 use realtime_bench::scenario::{broadcast, idle, presence};
 use realtime_bench::servers::{DEV_SECRET, Target};
+use realtime_protocol::Vsn;
 use std::path::Path;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +58,22 @@ async fn every_scenario_runs_against_both_servers() {
             .unwrap();
         assert_eq!(o.converged_members, 10, "{name}: {o:?}");
         assert_eq!(o.track_errors, 0, "{name}: {o:?}");
+    }
+    // The V1 serializer (realtime-js 2.11), against both.
+    for mut target in targets {
+        target.endpoint.vsn = Vsn::V1;
+        let mut plan = broadcast::Plan::fanout(5, 20.0, 100, 0.3);
+        plan.drain = Duration::from_millis(200);
+        let o = broadcast::run(&target, &plan).await.unwrap();
+        assert!(
+            o.delivered > 0,
+            "{}: nothing delivered over V1: {o:?}",
+            target.name
+        );
+        let o = presence::run(&target, 5, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(o.converged_members, 5, "{}: {o:?}", target.name);
     }
     stop.cancel();
 }

@@ -314,6 +314,7 @@ async fn drive(
             while next[i] <= now && next[i] < end && batch < 256 {
                 let r = c.next_ref();
                 let frame = client::broadcast_push(
+                    c.vsn,
                     *join_ref,
                     r,
                     topic,

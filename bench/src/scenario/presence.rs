@@ -43,15 +43,36 @@ struct Diff<'a> {
     leaves: Keys<'a>,
 }
 
+#[derive(Deserialize)]
+struct V1Frame<'a> {
+    #[serde(borrow)]
+    event: Cow<'a, str>,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+}
+
+/// The event and payload of a V2 array or a V1 object frame.
+fn event_and_payload(text: &str) -> Option<(Cow<'_, str>, &RawValue)> {
+    if text.starts_with('[') {
+        let (_, _, _, event, payload) =
+            serde_json::from_str::<(IgnoredAny, IgnoredAny, IgnoredAny, Cow<'_, str>, &RawValue)>(
+                text,
+            )
+            .ok()?;
+        Some((event, payload))
+    } else {
+        let f = serde_json::from_str::<V1Frame<'_>>(text).ok()?;
+        Some((f.event, f.payload))
+    }
+}
+
 /// Applies one presence frame to a member's set of keys, as realtime-js's sync does (leaves,
 /// then joins). Parses only the keys: a 1,000-member room sends each member 1,000 diffs.
 fn apply(keys: &mut HashSet<String>, text: &str) {
-    let Ok((_, _, _, event, payload)) =
-        serde_json::from_str::<(IgnoredAny, IgnoredAny, IgnoredAny, &str, &RawValue)>(text)
-    else {
+    let Some((event, payload)) = event_and_payload(text) else {
         return;
     };
-    match event {
+    match event.as_ref() {
         "presence_state" => {
             if let Ok(state) = serde_json::from_str::<Keys<'_>>(payload.get()) {
                 keys.extend(state.into_keys().map(Cow::into_owned));
@@ -112,6 +133,7 @@ pub async fn run(target: &Target, members: usize, timeout: Duration) -> anyhow::
                 let (topic, join_ref) = c.topics[0].clone();
                 let track_ref = c.next_ref();
                 let track = crate::client::text_frame(
+                    c.vsn,
                     Some(join_ref),
                     track_ref,
                     &topic,
@@ -223,5 +245,10 @@ mod tests {
             r#"[null,null,"realtime:r","presence_diff",{"joins":{},"leaves":{"a":{"metas":[]}}}]"#,
         );
         assert_eq!(keys, HashSet::from(["b".to_owned()]));
+        apply(
+            &mut keys,
+            r#"{"topic":"realtime:r","event":"presence_diff","payload":{"joins":{"c":{"metas":[]}},"leaves":{}},"ref":null}"#,
+        );
+        assert_eq!(keys.len(), 2);
     }
 }
