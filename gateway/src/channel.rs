@@ -65,6 +65,8 @@ struct Channel {
     /// Write permissions, checked at first use and until the next token refresh.
     broadcast_write: Option<bool>,
     presence_write: Option<bool>,
+    /// When to try Postgres Changes again (the database was down, or the stream not live yet).
+    pg_retry_at: Option<Instant>,
 }
 
 /// The channels of one socket.
@@ -347,12 +349,21 @@ impl Channels {
             .collect();
         // Ready means ready: subscriptions are in the router, and the stream is live, before the
         // client hears it is subscribed.
+        let mut pg_retry_at = None;
         let system = if pg_entries.is_empty() {
             None
         } else {
-            let (ok, message) = self
-                .subscribe_postgres(member_id, &m.topic, &claims, &pg_entries)
+            let outcome = self
+                .subscribe_postgres(
+                    member_id,
+                    &m.topic,
+                    &claims,
+                    &pg_entries,
+                    POSTGRES_READY_TIMEOUT,
+                )
                 .await;
+            pg_retry_at = outcome.retry_at();
+            let (ok, message) = outcome.system_message();
             Some(payload::system(
                 "postgres_changes",
                 ok,
@@ -411,6 +422,7 @@ impl Channels {
             read,
             broadcast_write: None,
             presence_write: None,
+            pg_retry_at,
         };
         self.by_topic.insert(m.topic, channel);
     }
@@ -593,24 +605,29 @@ impl Channels {
             channel.claims.clone(),
         );
         let (join_ref, sub_topic) = (channel.join_ref.clone(), channel.sub_topic.clone());
-        let (ok, message) = self
-            .subscribe_postgres(member, topic, &claims, &entries)
+        let outcome = self
+            .subscribe_postgres(member, topic, &claims, &entries, POSTGRES_READY_TIMEOUT)
             .await;
+        if let Some(channel) = self.by_topic.get_mut(topic) {
+            channel.pg_retry_at = outcome.retry_at();
+        }
+        let (ok, message) = outcome.system_message();
         let system = payload::system("postgres_changes", ok, &message, Some(&sub_topic));
         self.send(join_ref.as_ref(), None, topic, "system", &system);
     }
 
     /// Resolves a channel's postgres_changes entries for its claims and registers them in the
-    /// change router. Returns the `system` message status and text.
+    /// change router, waiting up to `wait` for the stream to be live.
     async fn subscribe_postgres(
         &self,
         member: MemberId,
         topic: &str,
         claims: &Claims,
         entries: &[(serde_json::Value, u32)],
-    ) -> (bool, String) {
+        wait: Duration,
+    ) -> PgOutcome {
         let Some(pg) = &self.shared.postgres else {
-            return (false, self.shared.postgres_changes_unavailable());
+            return PgOutcome::Failed(self.shared.postgres_changes_unavailable());
         };
         match crate::postgres::subscribe(
             pg,
@@ -623,29 +640,62 @@ impl Channels {
         )
         .await
         {
-            Ok(()) => {
-                if pg.wait_streaming(POSTGRES_READY_TIMEOUT).await {
-                    (true, "Subscribed to PostgreSQL".to_owned())
-                } else {
-                    (
-                        false,
-                        "Subscribed to PostgreSQL, but the replication stream is not live yet: \
-                         changes are delivered once it is (see the gateway log)"
-                            .to_owned(),
-                    )
-                }
-            }
-            Err(message) => (false, message),
+            Ok(()) if pg.wait_streaming(wait).await => PgOutcome::Ready,
+            Ok(()) => PgOutcome::NotLive,
+            Err(crate::postgres::SubscribeError::Unavailable(message)) => PgOutcome::Retry(message),
+            Err(crate::postgres::SubscribeError::Invalid(message)) => PgOutcome::Failed(message),
         }
     }
 
-    /// The earliest token expiry among the channels.
-    pub(crate) fn next_expiry(&self) -> Option<Instant> {
-        self.by_topic.values().map(|c| c.expires_at).min()
+    /// The earliest moment something is due: a token expiry or a Postgres Changes retry.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        self.by_topic
+            .values()
+            .flat_map(|c| std::iter::once(c.expires_at).chain(c.pg_retry_at))
+            .min()
+    }
+
+    /// Ends the channels whose token has expired, and retries Postgres Changes that are due.
+    pub(crate) async fn on_deadline(&mut self) {
+        self.expire_tokens();
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .by_topic
+            .iter()
+            .filter(|(_, c)| c.pg_retry_at.is_some_and(|at| at <= now))
+            .map(|(t, _)| t.clone())
+            .collect();
+        for topic in due {
+            let Some(channel) = self.by_topic.get(&topic) else {
+                continue;
+            };
+            let (member, claims, entries) = (
+                channel.member,
+                channel.claims.clone(),
+                channel.pg_entries.clone(),
+            );
+            let (join_ref, sub_topic) = (channel.join_ref.clone(), channel.sub_topic.clone());
+            let outcome = self
+                .subscribe_postgres(member, &topic, &claims, &entries, Duration::ZERO)
+                .await;
+            if let Some(channel) = self.by_topic.get_mut(&topic) {
+                channel.pg_retry_at = outcome.retry_at();
+            }
+            // Retries are silent until they settle: then the client hears the outcome once.
+            let message = match &outcome {
+                PgOutcome::Ready => Some((true, "Subscribed to PostgreSQL".to_owned())),
+                PgOutcome::Failed(message) => Some((false, message.clone())),
+                PgOutcome::NotLive | PgOutcome::Retry(_) => None,
+            };
+            if let Some((ok, message)) = message {
+                let system = payload::system("postgres_changes", ok, &message, Some(&sub_topic));
+                self.send(join_ref.as_ref(), None, &topic, "system", &system);
+            }
+        }
     }
 
     /// Ends the channels whose token has expired.
-    pub(crate) fn expire_tokens(&mut self) {
+    fn expire_tokens(&mut self) {
         let now = Instant::now();
         let expired: Vec<String> = self
             .by_topic
@@ -929,6 +979,46 @@ fn generated_presence_key() -> String {
     static NODE: OnceLock<[u8; 6]> = OnceLock::new();
     let node = NODE.get_or_init(rand::random::<[u8; 6]>);
     uuid::Uuid::now_v1(node).to_string()
+}
+
+/// How subscribing a channel to Postgres Changes went.
+#[derive(Debug)]
+enum PgOutcome {
+    /// Registered, and the stream is live.
+    Ready,
+    /// Registered, but the stream is not live yet: checked again shortly.
+    NotLive,
+    /// The database could not be reached: tried again in 5–10 s, as the reference does.
+    Retry(String),
+    /// The subscription is invalid: not retried.
+    Failed(String),
+}
+
+impl PgOutcome {
+    fn retry_at(&self) -> Option<Instant> {
+        match self {
+            PgOutcome::NotLive => Some(Instant::now() + Duration::from_secs(1)),
+            PgOutcome::Retry(_) => {
+                Some(Instant::now() + Duration::from_millis(5_000 + rand::random::<u64>() % 5_000))
+            }
+            PgOutcome::Ready | PgOutcome::Failed(_) => None,
+        }
+    }
+
+    /// The status and text of the `system` message for this outcome.
+    fn system_message(&self) -> (bool, String) {
+        match self {
+            PgOutcome::Ready => (true, "Subscribed to PostgreSQL".to_owned()),
+            PgOutcome::NotLive => (
+                false,
+                "Subscribed to PostgreSQL, but the replication stream is not live yet: changes are \
+                 delivered once it is, and this channel is told \"Subscribed to PostgreSQL\" then"
+                    .to_owned(),
+            ),
+            PgOutcome::Retry(message) => (false, format!("{message} (retrying)")),
+            PgOutcome::Failed(message) => (false, message.clone()),
+        }
+    }
 }
 
 /// What a private channel writes.

@@ -73,7 +73,7 @@ where
     let idle = shared.config.idle_timeout();
     let mut idle_deadline = pin!(tokio::time::sleep(idle));
     let kind = loop {
-        let expiry = channels.next_expiry();
+        let expiry = channels.next_deadline();
         tokio::select! {
             biased;
             () = kill.cancelled() => break match rx.close_reason() {
@@ -105,7 +105,7 @@ where
             }
             () = &mut idle_deadline => break CloseKind::IdleTimeout,
             () = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
-                channels.expire_tokens();
+                channels.on_deadline().await;
             }
         }
     };

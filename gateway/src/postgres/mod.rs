@@ -134,6 +134,15 @@ impl PostgresChanges {
     }
 }
 
+/// Why a channel could not be subscribed.
+#[derive(Debug)]
+pub(crate) enum SubscribeError {
+    /// The database is unreachable: worth trying again.
+    Unavailable(String),
+    /// The entries are invalid for this database and role.
+    Invalid(String),
+}
+
 /// Resolves a channel's `postgres_changes` entries for its claims and registers them in the
 /// router, replacing what the channel had. Errors are the reference's system message texts.
 pub(crate) async fn subscribe(
@@ -144,7 +153,7 @@ pub(crate) async fn subscribe(
     topic: &str,
     claims: &Claims,
     entries: &[(serde_json::Value, u32)],
-) -> Result<(), String> {
+) -> Result<(), SubscribeError> {
     let result = async {
         let client = pg.db.client().await?;
         let bypass = match subscription::role_bypasses_rls(&client, &claims.role).await? {
@@ -184,7 +193,12 @@ pub(crate) async fn subscribe(
         }
         Err(e) => {
             pg.router.unsubscribe(member);
-            Err(e)
+            // Whether the database is reachable now decides if trying again can help.
+            if pg.db.client().await.is_err() {
+                Err(SubscribeError::Unavailable(e))
+            } else {
+                Err(SubscribeError::Invalid(e))
+            }
         }
     }
 }

@@ -168,6 +168,7 @@ type PendingCheck = (Arc<Viewer>, Arc<TableAccess>, Vec<Vec<String>>);
 
 /// A change with the subscriptions whose event and filters it passes.
 struct Matched<'a> {
+    xid: u32,
     commit_time: i64,
     relation: &'a Arc<Relation>,
     change: &'a Change,
@@ -211,6 +212,7 @@ pub(crate) async fn route(
                 .collect();
             if !passing.is_empty() {
                 matched.push(Matched {
+                    xid: tx.xid,
                     commit_time,
                     relation,
                     change,
@@ -235,6 +237,22 @@ pub(crate) async fn route(
                 .entry((viewer_key(&sub.viewer), sub.binding.access.oid))
                 .or_insert_with(|| (sub.viewer.clone(), sub.binding.access.clone(), Vec::new()));
             entry.2.push(key.clone());
+        }
+    }
+    if !checks.is_empty() {
+        let mut xids: Vec<u32> = matched
+            .iter()
+            .filter(|m| rls_key(m).is_some())
+            .map(|m| m.xid)
+            .collect();
+        xids.sort_unstable();
+        xids.dedup();
+        match visibility::wait_visible(db, &xids, VISIBILITY_WAIT).await {
+            Ok(true) => {}
+            Ok(false) => warn!(
+                "committed transactions not yet visible after the wait: RLS checks may withhold rows"
+            ),
+            Err(e) => warn!(error = %e, "could not wait for committed transactions to be visible"),
         }
     }
     stats.visibility_queries = checks.len() as u64;
@@ -369,6 +387,9 @@ fn passes(binding: &TableBinding, relation: &Relation, change: &Change) -> bool 
         }
     })
 }
+
+/// How long a batch waits for its transactions to be visible to new snapshots.
+const VISIBILITY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Visibility queries run at once on the exclusive connections.
 const VISIBILITY_CONCURRENCY: usize = 4;

@@ -48,6 +48,49 @@ pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// Waits until transactions `xids` (32-bit, from the stream) are visible to new snapshots.
+///
+/// A commit reaches the WAL stream before the committing backend leaves the proc array, so for a
+/// moment after a change is streamed, a fresh snapshot may still see its transaction as running
+/// and an RLS check would miss the row. One query per batch, normally answered at once.
+pub(crate) async fn wait_visible(
+    db: &super::Database,
+    xids: &[u32],
+    timeout: std::time::Duration,
+) -> Result<bool, String> {
+    if xids.is_empty() {
+        return Ok(true);
+    }
+    let xids: Vec<i64> = xids.iter().map(|x| i64::from(*x)).collect();
+    let client = db.client().await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        // Widen each 32-bit xid to the xid8 of the current epoch (one epoch back when it would
+        // lie beyond the snapshot's xmax), then ask the current snapshot.
+        let row = client
+            .query_one(
+                "with s as (select pg_current_snapshot() as snap,
+                                   pg_snapshot_xmax(pg_current_snapshot())::text::bigint as xmax)
+                 select coalesce(bool_and(pg_visible_in_snapshot(
+                          (case when ((s.xmax >> 32) << 32 | x) > s.xmax
+                                then (((s.xmax >> 32) - 1) << 32 | x)
+                                else ((s.xmax >> 32) << 32 | x) end)::text::xid8,
+                          s.snap)), true)
+                   from s, unnest($1::bigint[]) as x",
+                &[&xids],
+            )
+            .await
+            .map_err(|e| super::subscription::db_error_text(&e))?;
+        if row.get::<_, bool>(0) {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}
+
 /// The primary keys among `keys` (text values in primary-key column order) that `viewer` can
 /// select from the table.
 pub(crate) async fn visible_keys(
