@@ -178,7 +178,8 @@ impl Channels {
             return;
         }
         if m.event == "phx_join" {
-            return self.join(m).await;
+            // Boxed: the join's database work would otherwise enlarge every socket's future.
+            return Box::pin(self.join(m)).await;
         }
         let Some(channel) = self.by_topic.get(&m.topic) else {
             if m.event == "phx_leave" {
@@ -203,10 +204,10 @@ impl Channels {
             "broadcast" => self.broadcast_json(&m).await,
             "access_token" => {
                 if let Some(token) = payload::parse_access_token(&m.payload) {
-                    self.refresh_token(&m.topic, token).await;
+                    Box::pin(self.refresh_token(&m.topic, token)).await;
                 }
             }
-            "presence" => self.presence(&m).await,
+            "presence" => Box::pin(self.presence(&m)).await,
             // Unknown events on a joined channel are ignored without a reply, as the reference does.
             _ => debug!(event = %m.event, "unknown channel event ignored"),
         }
@@ -837,7 +838,7 @@ impl Channels {
         let (claims, sub_topic) = (channel.claims.clone(), channel.sub_topic.clone());
         let claims_json = claims_text(&claims);
         let ctx = self.authz_context(&claims, &claims_json, &sub_topic);
-        let result = authorization::write(&pg.db, &ctx, extension.name()).await;
+        let result = Box::pin(authorization::write(&pg.db, &ctx, extension.name())).await;
         match result {
             Ok(allowed) => {
                 if let Some(channel) = self.by_topic.get_mut(topic) {

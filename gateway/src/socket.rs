@@ -105,7 +105,7 @@ where
             }
             () = &mut idle_deadline => break CloseKind::IdleTimeout,
             () = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
-                channels.on_deadline().await;
+                Box::pin(channels.on_deadline()).await;
             }
         }
     };
