@@ -135,6 +135,15 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
     },
+    /// A Markdown table (figures of both servers and their ratios) from the JSON the other
+    /// commands printed; also written under `--out` (default `bench/results/`, ignored by git).
+    Report {
+        /// JSON documents printed by the scenario commands.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        #[arg(long, default_value = "bench/results")]
+        out: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -276,6 +285,9 @@ async fn broadcast_steps(
 }
 
 async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
+    if let Command::Report { files, out } = &cli.command {
+        return report(files, out);
+    }
     let targets = targets(&cli.servers)?;
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -402,6 +414,7 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
                     "rss_per_socket_bytes",
                     "rss_held_kib",
                     "connect_joins_per_s",
+                    "server_cpu_us_per_socket",
                 ],
             );
             if !r.is_null() {
@@ -413,6 +426,7 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
                 vec![json!({"step": {"sockets": sockets}, "results": results, "ratios": r})],
             )
         }
+        Command::Report { .. } => unreachable!("handled above"),
         Command::Presence { members, timeout } => {
             check_seconds(timeout)?;
             let mut steps = Vec::new();
@@ -457,5 +471,90 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
         "steps": steps,
     });
     println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
+/// The figures shown per scenario: (JSON path, column label).
+fn report_fields(scenario: &str) -> &'static [(&'static str, &'static str)] {
+    match scenario {
+        "idle" => &[
+            ("rss_per_socket_bytes", "RSS B/socket"),
+            ("connect_joins_per_s", "connect+join/s"),
+            ("server_cpu_us_per_socket", "CPU µs/socket"),
+        ],
+        "presence" => &[
+            ("converge_all_ms", "converged ms"),
+            ("bytes_per_member_join", "B/member join"),
+        ],
+        _ => &[
+            ("deliveries_per_s", "deliveries/s"),
+            ("latency.p99_ms", "p99 ms"),
+            ("server_cpu_ns_per_delivery", "CPU ns/delivery"),
+        ],
+    }
+}
+
+/// Whole numbers as integers, others to three significant digits.
+fn number(x: f64) -> String {
+    if x.fract() == 0.0 || x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn field<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.').try_fold(v, |v, k| v.get(k))
+}
+
+fn report(files: &[PathBuf], out: &std::path::Path) -> anyhow::Result<()> {
+    let mut md = String::from(
+        "| scenario | step | figure | gateway | limit server | ratio |\n| --- | --- | --- | --- | --- | --- |\n",
+    );
+    let mut noisy = 0;
+    for file in files {
+        let doc: Value = serde_json::from_slice(&std::fs::read(file)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        let scenario = doc["scenario"].as_str().unwrap_or("?");
+        let vsn = doc["vsn"]
+            .as_u64()
+            .map_or(String::new(), |v| format!(" (V{v})"));
+        for step in doc["steps"].as_array().into_iter().flatten() {
+            let results = step["results"].as_array().cloned().unwrap_or_default();
+            noisy += results
+                .iter()
+                .filter(|r| !r["cpu"]["warning"].is_null())
+                .count();
+            let find = |name: &str| results.iter().find(|r| r["server"] == name);
+            for (path, label) in report_fields(scenario) {
+                let get = |name: &str| find(name).and_then(|r| field(r, path)?.as_f64());
+                let (g, l) = (get("gateway"), get("limit-server"));
+                let show = |x: Option<f64>| x.map_or("–".into(), number);
+                let r = g
+                    .zip(l)
+                    .and_then(|(g, l)| ratio(g, l))
+                    .map_or("–".into(), |r| format!("{r:.2}"));
+                md.push_str(&format!(
+                    "| {scenario}{vsn} | {} | {label} | {} | {} | {r} |\n",
+                    step["step"],
+                    show(g),
+                    show(l),
+                ));
+            }
+        }
+    }
+    md.push_str(&format!(
+        "\n{noisy} measurement(s) warned that other processes used much CPU meanwhile.\n"
+    ));
+    print!("{md}");
+    std::fs::create_dir_all(out)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = out.join(format!("report-{stamp}.md"));
+    std::fs::write(&path, md)?;
+    eprintln!("summary: report written to {}", path.display());
     Ok(())
 }

@@ -105,4 +105,24 @@ fn the_command_line_prints_json() {
     assert_eq!(doc["scenario"], "fanout");
     assert!(doc["steps"][0]["results"][0]["delivered"].as_u64() > Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("summary: fanout"));
+
+    // The report command turns that JSON into a Markdown table.
+    let dir = std::env::temp_dir().join(format!("realtime-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let json = dir.join("fanout.json");
+    std::fs::write(&json, &out.stdout).unwrap();
+    let report = std::process::Command::new(bin)
+        .args(["report", "--out"])
+        .arg(&dir)
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        report.status.success(),
+        "{}",
+        String::from_utf8_lossy(&report.stderr)
+    );
+    let md = String::from_utf8_lossy(&report.stdout);
+    assert!(md.contains("| fanout (V2) |"), "{md}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
