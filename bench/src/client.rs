@@ -34,9 +34,21 @@ pub fn now_us() -> u64 {
 
 /// The `realtime-js` join payload for a public channel.
 pub fn join_payload(self_broadcast: bool, presence_key: Option<&str>, token: &str) -> String {
+    join_payload_with(self_broadcast, presence_key, token, false, "[]")
+}
+
+/// The `realtime-js` join payload: `private` channel or not, `postgres_changes` bindings (a JSON
+/// array, `[]` for none).
+pub fn join_payload_with(
+    self_broadcast: bool,
+    presence_key: Option<&str>,
+    token: &str,
+    private: bool,
+    postgres_changes: &str,
+) -> String {
     let (key, enabled) = presence_key.map_or(("", false), |k| (k, true));
     format!(
-        "{{\"config\":{{\"broadcast\":{{\"ack\":false,\"self\":{self_broadcast}}},\"presence\":{{\"key\":{},\"enabled\":{enabled}}},\"postgres_changes\":[],\"private\":false}},\"access_token\":{}}}",
+        "{{\"config\":{{\"broadcast\":{{\"ack\":false,\"self\":{self_broadcast}}},\"presence\":{{\"key\":{},\"enabled\":{enabled}}},\"postgres_changes\":{postgres_changes},\"private\":{private}}},\"access_token\":{}}}",
         realtime_protocol::frame::json_str(key),
         realtime_protocol::frame::json_str(token),
     )
@@ -238,9 +250,14 @@ impl Client {
         presence_key: Option<&str>,
         token: &str,
     ) -> anyhow::Result<()> {
+        self.join_with(name, &join_payload(self_broadcast, presence_key, token))
+            .await
+    }
+
+    /// Joins `realtime:<name>` with a join payload of the caller's and waits for the ok reply.
+    pub async fn join_with(&mut self, name: &str, payload: &str) -> anyhow::Result<()> {
         let topic = format!("realtime:{name}");
         let join_ref = self.next_ref();
-        let payload = join_payload(self_broadcast, presence_key, token);
         self.ws
             .send(text_frame(
                 self.vsn,
@@ -248,7 +265,7 @@ impl Client {
                 join_ref,
                 &topic,
                 "phx_join",
-                &payload,
+                payload,
             ))
             .await?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -4,7 +4,8 @@
 
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
-use realtime_bench::scenario::{self, broadcast, idle, presence, ratio};
+use realtime_bench::pg;
+use realtime_bench::scenario::{self, broadcast, database, idle, presence, ratio};
 use realtime_bench::servers::{self, Target};
 use realtime_protocol::Vsn;
 use serde_json::{Value, json};
@@ -60,7 +61,7 @@ struct ServerArgs {
     bin_dir: Option<PathBuf>,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// One topic, N subscribers, one publisher; publish rates step up until deliveries stop
     /// keeping up.
@@ -135,12 +136,68 @@ enum Command {
         #[arg(long, default_value_t = 10.0)]
         timeout: f64,
     },
-    /// A Markdown table (figures of both servers and their ratios) from the JSON the other
-    /// commands printed; also written under `--out` (default `bench/results/`, ignored by git).
+    /// Private channels (scenario 4, gateway only: the limit server has no RLS): distinct users,
+    /// rooms of `members` (2 per user) whose read and write policy on `realtime.messages` reads a
+    /// membership table; joins/s and deliveries, next to the same plan on public channels.
+    Private {
+        #[arg(long, value_delimiter = ',', default_value = "500,2000")]
+        clients: Vec<usize>,
+        #[arg(long, default_value_t = 10)]
+        members: usize,
+        /// Messages/s per room.
+        #[arg(long, default_value_t = 2.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Rows of other members in the membership table.
+        #[arg(long, default_value_t = 100_000)]
+        pad: usize,
+    },
+    /// Broadcast from the database (scenario 5, gateway only): a trigger calls `realtime.send`
+    /// on each insert; insert rates step up; deliveries/s and insert→client latency to N
+    /// subscribers, next to the same fan-out published over a socket.
+    DbBroadcast {
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        #[arg(long, value_delimiter = ',', default_value = "100,300,1000,3000")]
+        rates: Vec<f64>,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+    /// Postgres Changes grid (scenario 6, gateway only): subscribers × RLS × filter; the commit
+    /// rate steps up until p95 > 1 s or the backlog grows; `pg_recvlogical` on its own slot
+    /// drains the same inserts (the stream's ceiling).
+    PgChanges {
+        #[arg(long, value_delimiter = ',', default_value = "100,500,2000")]
+        subscribers: Vec<usize>,
+        /// RLS settings to run: off, on.
+        #[arg(long, value_delimiter = ',', default_value = "off,on")]
+        rls: Vec<String>,
+        /// Filters to run: none, eq.
+        #[arg(long, value_delimiter = ',', default_value = "none,eq")]
+        filter: Vec<String>,
+        /// Commit rates (changes/s) to step through.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "50,200,500,1000,2000,4000"
+        )]
+        rates: Vec<f64>,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+        /// Skip the `pg_recvlogical` reference.
+        #[arg(long)]
+        no_recvlogical: bool,
+    },
+    /// A Markdown table (figures of both servers and their ratios) and a PNG chart, from the
+    /// JSON the other commands printed or from scenarios run now (`--run`); written under
+    /// `--out` (default `bench/results/`, ignored by git).
     Report {
         /// JSON documents printed by the scenario commands.
-        #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Scenarios to run now with small default sizes, e.g. `fanout,idle,presence,pg-changes`.
+        #[arg(long, value_delimiter = ',')]
+        run: Vec<String>,
         #[arg(long, default_value = "bench/results")]
         out: PathBuf,
     },
@@ -285,14 +342,264 @@ async fn broadcast_steps(
 }
 
 async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
-    if let Command::Report { files, out } = &cli.command {
-        return report(files, out);
+    if let Command::Report { files, run, out } = &cli.command {
+        return report(files, run, out, &cli.servers);
     }
-    let targets = targets(&cli.servers)?;
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let (name, params, steps) = match cli.command {
+    let (name, params, steps) = if matches!(
+        cli.command,
+        Command::Private { .. } | Command::DbBroadcast { .. } | Command::PgChanges { .. }
+    ) {
+        database_command(&cli, ceiling).await?
+    } else {
+        socket_command(&cli, ceiling).await?
+    };
+    let doc = json!({
+        "scenario": name,
+        "vsn": cli.servers.vsn,
+        "unix_time": started,
+        "machine": machine(ceiling),
+        "params": params,
+        "steps": steps,
+    });
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
+/// Scenarios 4–6: a throwaway cluster and a gateway started against it (the limit server has no
+/// database; each has a reference of its own instead).
+async fn database_command(
+    cli: &Cli,
+    ceiling: u64,
+) -> anyhow::Result<(&'static str, Value, Vec<Value>)> {
+    if cli.servers.gateway.is_some() {
+        bail!("scenarios 4-6 start their own Postgres and gateway; --gateway is not supported");
+    }
+    let binary = servers::sibling_binary(cli.servers.bin_dir.as_deref(), "realtime-gateway")?;
+    let (cluster, db) = pg::fresh_database().await?;
+    let secret = servers::DEV_SECRET;
+    let env = [("OUTBOX_MAX_FRAMES", "16384".to_owned())];
+    let mut gw = pg::spawn_gateway(&binary, &db, "bench_gateway", &env).await?;
+    gw.endpoint.vsn = if cli.servers.vsn == 1 {
+        Vsn::V1
+    } else {
+        Vsn::V2
+    };
+    eprintln!(
+        "summary: gateway only (the limit server has no database and no RLS); Postgres at 127.0.0.1:{}",
+        cluster.port()
+    );
+    match &cli.command {
+        Command::Private {
+            clients,
+            members,
+            rate,
+            seconds,
+            pad,
+        } => {
+            check_seconds(*seconds)?;
+            database::private_schema(&db, *pad).await?;
+            let mut steps = Vec::new();
+            for &c in clients {
+                check_sockets(c, ceiling)?;
+                let plan = broadcast::Plan::large_fanout(c, *members, *rate, 100, *seconds);
+                let private = database::private_members(&db, secret, plan).await?;
+                let mut public = private.clone();
+                public.private = false;
+                let mut results = Vec::new();
+                for (label, plan) in [("gateway", &private), ("gateway-public", &public)] {
+                    let o = broadcast::run(&gw, plan).await?;
+                    let joins = database::joins_per_s(plan, &o);
+                    eprintln!(
+                        "summary: private {c} {label}: {joins} connect+joins/s ({:.2} s for {c} sockets), {} deliveries/s of {} expected/s, p50 {:.1} ms p99 {:.1} ms{}",
+                        o.connect_join_s,
+                        o.deliveries_per_s,
+                        (o.expected as f64 / o.seconds).round(),
+                        o.latency.p50_ms,
+                        o.latency.p99_ms,
+                        if o.keeping_up {
+                            ""
+                        } else {
+                            " (not keeping up)"
+                        },
+                    );
+                    let mut v = serde_json::to_value(&o)?;
+                    v["server"] = json!(label);
+                    v["joins_per_s"] = json!(joins);
+                    results.push(v);
+                }
+                let r = ratios_between(
+                    &results,
+                    "gateway-public",
+                    &[
+                        "joins_per_s",
+                        "deliveries_per_s",
+                        "latency.p99_ms",
+                        "server_cpu_ns_per_delivery",
+                    ],
+                );
+                eprintln!("summary: private {c} private/public: {r}");
+                steps.push(json!({"step": {"clients": c}, "results": results, "ratios": r}));
+            }
+            Ok((
+                "private",
+                json!({"members": members, "rate_per_room": rate, "seconds": seconds, "pad_rows": pad,
+                       "note": "gateway only: the limit server has no RLS; the reference is the same plan on public channels"}),
+                steps,
+            ))
+        }
+        Command::DbBroadcast {
+            subscribers,
+            rates,
+            seconds,
+        } => {
+            check_seconds(*seconds)?;
+            check_sockets(subscribers + 1, ceiling)?;
+            let (join_s, db_steps) =
+                database::db_broadcast(&gw, &db, *subscribers, rates, *seconds).await?;
+            let mut steps = Vec::new();
+            for s in db_steps {
+                eprintln!(
+                    "summary: db-broadcast {subscribers} @ {}/s: {} inserts/s, {} deliveries/s ({} of {}), p50 {:.1} ms p99 {:.1} ms{}",
+                    s.rate,
+                    s.changes_per_s,
+                    s.deliveries_per_s,
+                    s.delivered,
+                    s.expected,
+                    s.latency.p50_ms,
+                    s.latency.p99_ms,
+                    if s.keeping_up {
+                        ""
+                    } else {
+                        " (not keeping up)"
+                    },
+                );
+                // The same fan-out published over a socket.
+                let plan = broadcast::Plan::fanout(*subscribers, s.rate, 100, *seconds);
+                let o = broadcast::run(&gw, &plan).await?;
+                eprintln!(
+                    "summary: db-broadcast {subscribers} @ {}/s over a socket: {} deliveries/s, p99 {:.1} ms",
+                    s.rate, o.deliveries_per_s, o.latency.p99_ms
+                );
+                let mut sv = serde_json::to_value(&s)?;
+                sv["server"] = json!("gateway");
+                let mut ov = serde_json::to_value(&o)?;
+                ov["server"] = json!("gateway-socket");
+                let results = vec![sv, ov];
+                let r = ratios_between(
+                    &results,
+                    "gateway-socket",
+                    &["deliveries_per_s", "latency.p50_ms", "latency.p99_ms"],
+                );
+                let keep = s.keeping_up;
+                steps.push(json!({"step": {"rate": s.rate}, "results": results, "ratios": r}));
+                if !keep {
+                    break;
+                }
+            }
+            Ok((
+                "db-broadcast",
+                json!({"subscribers": subscribers, "seconds": seconds, "connect_join_s": join_s,
+                       "writers": database::WRITERS,
+                       "note": "gateway only; the reference is the same fan-out published over a socket"}),
+                steps,
+            ))
+        }
+        Command::PgChanges {
+            subscribers,
+            rls,
+            filter,
+            rates,
+            seconds,
+            no_recvlogical,
+        } => {
+            check_seconds(*seconds)?;
+            db.client()
+                .await?
+                .batch_execute(database::PG_CHANGES_SQL)
+                .await?;
+            let mut steps = Vec::new();
+            for &n in subscribers {
+                check_sockets(n, ceiling)?;
+                for r in rls {
+                    for f in filter {
+                        let cell = database::Cell {
+                            subscribers: n,
+                            rls: parse_switch(r, "on", "off")?,
+                            filter: parse_switch(f, "eq", "none")?,
+                        };
+                        let o = database::pg_changes_cell(
+                            &gw,
+                            cluster,
+                            &db,
+                            secret,
+                            cell,
+                            rates,
+                            *seconds,
+                            !no_recvlogical,
+                        )
+                        .await?;
+                        eprintln!(
+                            "summary: pg-changes {}: {} changes/s sustained, {} deliveries/s, p95 {:.0} ms; pg_recvlogical {} changes/s{}",
+                            cell.label(),
+                            o.changes_per_s,
+                            o.deliveries_per_s,
+                            o.latency.p95_ms,
+                            o.recvlogical.as_ref().map_or(0.0, |r| r.changes_per_s),
+                            o.recvlogical
+                                .as_ref()
+                                .and_then(|r| ratio(o.changes_per_s, r.changes_per_s))
+                                .map_or(String::new(), |x| format!(" (ratio {x})")),
+                        );
+                        steps.push(database::cell_json(&cell, &o)?);
+                    }
+                }
+            }
+            Ok((
+                "pg-changes",
+                json!({"rates": rates, "seconds": seconds, "writers": database::WRITERS,
+                       "note": "gateway only; the reference is pg_recvlogical draining the same inserts from its own slot"}),
+                steps,
+            ))
+        }
+        _ => unreachable!("only database commands"),
+    }
+}
+
+fn parse_switch(v: &str, yes: &str, no: &str) -> anyhow::Result<bool> {
+    match v {
+        x if x == yes => Ok(true),
+        x if x == no => Ok(false),
+        other => bail!("{other:?}: expected {yes} or {no}"),
+    }
+}
+
+/// Ratios gateway / `reference` of the figures that have them.
+fn ratios_between(results: &[Value], reference: &str, fields: &[&str]) -> Value {
+    let find = |name: &str| results.iter().find(|r| r["server"] == name);
+    let (Some(g), Some(l)) = (find("gateway"), find(reference)) else {
+        return Value::Null;
+    };
+    let mut out = serde_json::Map::new();
+    for f in fields {
+        if let (Some(a), Some(b)) = (
+            field(g, f).and_then(Value::as_f64),
+            field(l, f).and_then(Value::as_f64),
+        ) {
+            out.insert((*f).to_owned(), json!(ratio(a, b)));
+        }
+    }
+    Value::Object(out)
+}
+
+async fn socket_command(
+    cli: &Cli,
+    ceiling: u64,
+) -> anyhow::Result<(&'static str, Value, Vec<Value>)> {
+    let targets = targets(&cli.servers)?;
+    let (name, params, steps) = match cli.command.clone() {
         Command::Fanout {
             subscribers,
             rates,
@@ -426,7 +733,10 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
                 vec![json!({"step": {"sockets": sockets}, "results": results, "ratios": r})],
             )
         }
-        Command::Report { .. } => unreachable!("handled above"),
+        Command::Report { .. }
+        | Command::Private { .. }
+        | Command::DbBroadcast { .. }
+        | Command::PgChanges { .. } => unreachable!("handled above"),
         Command::Presence { members, timeout } => {
             check_seconds(timeout)?;
             let mut steps = Vec::new();
@@ -462,16 +772,7 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
             ("presence", json!({"timeout": timeout}), steps)
         }
     };
-    let doc = json!({
-        "scenario": name,
-        "vsn": cli.servers.vsn,
-        "unix_time": started,
-        "machine": machine(ceiling),
-        "params": params,
-        "steps": steps,
-    });
-    println!("{}", serde_json::to_string_pretty(&doc)?);
-    Ok(())
+    Ok((name, params, steps))
 }
 
 /// The figures shown per scenario: (JSON path, column label).
@@ -485,6 +786,21 @@ fn report_fields(scenario: &str) -> &'static [(&'static str, &'static str)] {
         "presence" => &[
             ("converge_all_ms", "converged ms"),
             ("bytes_per_member_join", "B/member join"),
+        ],
+        "private" => &[
+            ("joins_per_s", "connect+joins/s"),
+            ("deliveries_per_s", "deliveries/s"),
+            ("latency.p99_ms", "p99 ms"),
+        ],
+        "db-broadcast" => &[
+            ("changes_per_s", "inserts/s"),
+            ("deliveries_per_s", "deliveries/s"),
+            ("latency.p99_ms", "p99 ms"),
+        ],
+        "pg-changes" => &[
+            ("changes_per_s", "changes/s sustained"),
+            ("deliveries_per_s", "deliveries/s"),
+            ("latency.p95_ms", "p95 ms"),
         ],
         _ => &[
             ("deliveries_per_s", "deliveries/s"),
@@ -509,12 +825,96 @@ fn field<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.').try_fold(v, |v, k| v.get(k))
 }
 
-fn report(files: &[PathBuf], out: &std::path::Path) -> anyhow::Result<()> {
+/// Default small sizes for `report --run`: a few minutes in all.
+fn run_args(scenario: &str) -> anyhow::Result<&'static [&'static str]> {
+    Ok(match scenario {
+        "fanout" => &[
+            "--subscribers",
+            "1000",
+            "--rates",
+            "200,800,1600",
+            "--seconds",
+            "3",
+        ],
+        "payload" => &["--subscribers", "100", "--rate", "100", "--seconds", "3"],
+        "broadcast" => &["--clients", "2000,5000", "--seconds", "3"],
+        "large-fanout" => &["--clients", "2000", "--rates", "5,10,20", "--seconds", "3"],
+        "idle" => &["--sockets", "5000", "--hold", "2"],
+        "presence" => &["--members", "10,100,200"],
+        "private" => &["--clients", "500,2000", "--seconds", "3"],
+        "db-broadcast" => &["--subscribers", "100", "--seconds", "3"],
+        "pg-changes" => &["--subscribers", "100,500", "--seconds", "2"],
+        other => bail!("unknown scenario {other:?}"),
+    })
+}
+
+/// Runs `scenario` as a child process of this binary (same server options), its JSON to a file
+/// under `out`.
+fn run_scenario(
+    scenario: &str,
+    out: &std::path::Path,
+    servers: &ServerArgs,
+) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let path = out.join(format!("{scenario}-{stamp}.json"));
+    let file = std::fs::File::create(&path)?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg(scenario)
+        .args(run_args(scenario)?)
+        .arg("--servers")
+        .arg(servers.servers.join(","))
+        .arg("--vsn")
+        .arg(servers.vsn.to_string())
+        .stdout(file);
+    if let Some(d) = &servers.bin_dir {
+        cmd.arg("--bin-dir").arg(d);
+    }
+    eprintln!(
+        "summary: report: running {scenario} {}",
+        run_args(scenario)?.join(" ")
+    );
+    let status = cmd.status()?;
+    if !status.success() {
+        bail!(
+            "{scenario} failed ({status}); its output so far is in {}",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The result a step's gateway figure is compared with: the limit server, else the scenario's
+/// own reference (`pg_recvlogical`, `gateway-public`, `gateway-socket`).
+fn reference(results: &[Value]) -> Option<&Value> {
+    results
+        .iter()
+        .find(|r| r["server"] == "limit-server")
+        .or_else(|| results.iter().find(|r| r["server"] != "gateway"))
+}
+
+fn report(
+    files: &[PathBuf],
+    run: &[String],
+    out: &std::path::Path,
+    servers: &ServerArgs,
+) -> anyhow::Result<()> {
+    if files.is_empty() && run.is_empty() {
+        bail!("report needs JSON files or --run scenario,…");
+    }
+    std::fs::create_dir_all(out)?;
+    let mut files = files.to_vec();
+    for scenario in run {
+        files.push(run_scenario(scenario, out, servers)?);
+    }
     let mut md = String::from(
-        "| scenario | step | figure | gateway | limit server | ratio |\n| --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | step | figure | gateway | reference | ratio |\n| --- | --- | --- | --- | --- | --- |\n",
     );
     let mut noisy = 0;
-    for file in files {
+    let mut docs = Vec::new();
+    for file in &files {
         let doc: Value = serde_json::from_slice(&std::fs::read(file)?)
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
         let scenario = doc["scenario"].as_str().unwrap_or("?");
@@ -527,34 +927,50 @@ fn report(files: &[PathBuf], out: &std::path::Path) -> anyhow::Result<()> {
                 .iter()
                 .filter(|r| !r["cpu"]["warning"].is_null())
                 .count();
-            let find = |name: &str| results.iter().find(|r| r["server"] == name);
+            let gateway = results.iter().find(|r| r["server"] == "gateway");
+            let reference = reference(&results);
+            let ref_name =
+                reference
+                    .and_then(|r| r["server"].as_str())
+                    .map_or(String::new(), |n| {
+                        if n == "limit-server" {
+                            String::new()
+                        } else {
+                            format!(" ({n})")
+                        }
+                    });
             for (path, label) in report_fields(scenario) {
-                let get = |name: &str| find(name).and_then(|r| field(r, path)?.as_f64());
-                let (g, l) = (get("gateway"), get("limit-server"));
+                let get = |r: Option<&Value>| r.and_then(|r| field(r, path)?.as_f64());
+                let (g, l) = (get(gateway), get(reference));
                 let show = |x: Option<f64>| x.map_or("–".into(), number);
                 let r = g
                     .zip(l)
                     .and_then(|(g, l)| ratio(g, l))
                     .map_or("–".into(), |r| format!("{r:.2}"));
                 md.push_str(&format!(
-                    "| {scenario}{vsn} | {} | {label} | {} | {} | {r} |\n",
+                    "| {scenario}{vsn} | {} | {label} | {} | {}{} | {r} |\n",
                     step["step"],
                     show(g),
                     show(l),
+                    if l.is_some() { ref_name.as_str() } else { "" },
                 ));
             }
         }
+        docs.push(doc);
     }
     md.push_str(&format!(
-        "\n{noisy} measurement(s) warned that other processes used much CPU meanwhile.\n"
+        "\nReference: the limit server; for scenarios 4–6 (gateway only) the scenario's own, named in the cell.\n\
+         {noisy} measurement(s) warned that other processes used much CPU meanwhile.\n"
     ));
     print!("{md}");
-    std::fs::create_dir_all(out)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let path = out.join(format!("report-{stamp}.md"));
     std::fs::write(&path, md)?;
     eprintln!("summary: report written to {}", path.display());
+    let png = out.join(format!("report-{stamp}.png"));
+    realtime_bench::chart::write(&docs, &png)?;
+    eprintln!("summary: chart written to {}", png.display());
     Ok(())
 }

@@ -38,6 +38,10 @@ pub struct Plan {
     pub seconds: f64,
     /// How long to keep reading after publishing stops.
     pub drain: Duration,
+    /// Join private channels (`config.private`: RLS on `realtime.messages`, gateway only).
+    pub private: bool,
+    /// Each client's join token (`access_token`), by index; empty: the target's key.
+    pub tokens: Vec<String>,
 }
 
 impl Plan {
@@ -73,6 +77,8 @@ impl Plan {
             payload_bytes,
             seconds,
             drain: Duration::from_secs(1),
+            private: false,
+            tokens: Vec::new(),
         }
     }
 
@@ -91,6 +97,8 @@ impl Plan {
             payload_bytes,
             seconds,
             drain: Duration::from_secs(1),
+            private: false,
+            tokens: Vec::new(),
         }
     }
 
@@ -132,6 +140,8 @@ impl Plan {
             payload_bytes,
             seconds,
             drain: Duration::from_secs(1),
+            private: false,
+            tokens: Vec::new(),
         }
     }
 
@@ -181,15 +191,16 @@ struct Tally {
 
 /// Runs `plan` against `target`.
 pub async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Outcome> {
-    let token = target.endpoint.token.clone();
     let self_b = plan.self_broadcast;
     let (clients, connect_join_s) =
         connect_all(&target.endpoint, plan.clients.len(), |i, mut c| {
-            let token = token.clone();
+            let token = plan.tokens.get(i).unwrap_or(&target.endpoint.token).clone();
             let joins = plan.clients[i].joins.clone();
             async move {
                 for j in &joins {
-                    c.join(j, self_b, None, &token).await?;
+                    let payload =
+                        client::join_payload_with(self_b, None, &token, plan.private, "[]");
+                    c.join_with(j, &payload).await?;
                 }
                 Ok(c)
             }

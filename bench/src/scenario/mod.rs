@@ -2,6 +2,7 @@
 //! the command line runs it against every target in turn and prints ratios.
 
 pub mod broadcast;
+pub mod database;
 pub mod idle;
 pub mod presence;
 
