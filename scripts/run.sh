@@ -69,4 +69,8 @@ echo "run: throwaway PostgreSQL at $DATABASE_URL (supabase/ applied; removed whe
 "$gateway" "$@" &
 child=$!
 trap 'kill -TERM $child 2>/dev/null' INT TERM
-wait $child || true
+# A signal interrupts `wait`; keep waiting until the gateway has really exited, so Postgres is
+# stopped only after the gateway released its replication connection.
+while kill -0 "$child" 2>/dev/null; do
+  wait "$child" || true
+done
