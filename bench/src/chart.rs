@@ -189,8 +189,10 @@ fn short(x: f64) -> String {
         format!("{:.1}m", x / 1e6)
     } else if x >= 1e3 {
         format!("{:.0}k", x / 1e3)
-    } else {
+    } else if x >= 10.0 || x == 0.0 {
         format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
     }
 }
 

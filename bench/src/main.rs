@@ -925,6 +925,11 @@ fn report(
             let results = step["results"].as_array().cloned().unwrap_or_default();
             noisy += results
                 .iter()
+                .flat_map(|r| {
+                    // pg-changes cells keep the CPU report per rate step.
+                    let nested = r["steps"].as_array().cloned().unwrap_or_default();
+                    std::iter::once(r.clone()).chain(nested)
+                })
                 .filter(|r| !r["cpu"]["warning"].is_null())
                 .count();
             let gateway = results.iter().find(|r| r["server"] == "gateway");

@@ -1,7 +1,8 @@
 //! A CI-sized run of every scenario against the limit server (a child process) and the gateway
 //! (in-process on 127.0.0.1:0): tiny sizes, well under a second each, no timing assertions.
 
-use realtime_bench::scenario::{broadcast, idle, presence};
+use realtime_bench::pg;
+use realtime_bench::scenario::{broadcast, database, idle, presence};
 use realtime_bench::servers::{DEV_SECRET, Target};
 use realtime_protocol::Vsn;
 use std::path::Path;
@@ -79,6 +80,71 @@ async fn every_scenario_runs_against_both_servers() {
     stop.cancel();
 }
 
+/// Scenarios 4–6 at tiny sizes against an in-process gateway on a throwaway cluster (the test
+/// harness's). Skipped, saying so, only when `initdb` is not installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_database_scenarios_run_against_the_gateway() {
+    if !pg::available() {
+        eprintln!("SKIPPED: initdb not found (apt-get install postgresql); scenarios 4-6 not run");
+        return;
+    }
+    let (cluster, db) = pg::fresh_database().await.unwrap();
+    let stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let mut config = realtime_gateway::Config::for_tests(DEV_SECRET);
+    config.database_url = Some(realtime_gateway::Secret::new(db.url.clone()));
+    config.slot_name = "bench_smoke".into();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        realtime_gateway::run(config, listener, stopped.cancelled_owned())
+            .await
+            .unwrap();
+    });
+    pg::wait_for_schema(&db).await.unwrap();
+    let gw = Target::attach("gateway", &addr, Some(std::process::id()), DEV_SECRET);
+
+    // 4: private channels with a membership policy, and the same plan public.
+    database::private_schema(&db, 100).await.unwrap();
+    let mut plan = broadcast::Plan::large_fanout(12, 6, 10.0, 100, 0.3);
+    plan.drain = Duration::from_millis(300);
+    let private = database::private_members(&db, DEV_SECRET, plan)
+        .await
+        .unwrap();
+    let o = broadcast::run(&gw, &private).await.unwrap();
+    assert!(o.delivered > 0, "private: nothing delivered: {o:?}");
+    assert!(database::joins_per_s(&private, &o) > 0.0);
+    assert_eq!(o.errors, 0, "{o:?}");
+
+    // 5: a trigger calling realtime.send on each insert.
+    let (_, steps) = database::db_broadcast(&gw, &db, 3, &[20.0], 0.3)
+        .await
+        .unwrap();
+    assert!(steps[0].inserted > 0 && steps[0].delivered > 0, "{steps:?}");
+
+    // 6: one small cell with RLS and a filter, next to pg_recvlogical.
+    db.client()
+        .await
+        .unwrap()
+        .batch_execute(database::PG_CHANGES_SQL)
+        .await
+        .unwrap();
+    let cell = database::Cell {
+        subscribers: 3,
+        rls: true,
+        filter: true,
+    };
+    let o = database::pg_changes_cell(&gw, cluster, &db, DEV_SECRET, cell, &[20.0], 0.3, true)
+        .await
+        .unwrap();
+    assert!(o.steps[0].delivered > 0, "{o:?}");
+    assert!(
+        o.recvlogical.as_ref().is_some_and(|r| r.changes > 0),
+        "{o:?}"
+    );
+    stop.cancel();
+}
+
 #[test]
 fn the_command_line_prints_json() {
     let bin = Path::new(env!("CARGO_BIN_EXE_realtime-bench"));
@@ -124,5 +190,11 @@ fn the_command_line_prints_json() {
     );
     let md = String::from_utf8_lossy(&report.stdout);
     assert!(md.contains("| fanout (V2) |"), "{md}");
+    let png = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.path().extension().is_some_and(|x| x == "png"))
+        .expect("a PNG chart");
+    assert!(std::fs::read(png.path()).unwrap().starts_with(b"\x89PNG"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
