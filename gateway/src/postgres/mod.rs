@@ -251,10 +251,58 @@ pub(crate) async fn start(
         }
     });
     let task_pg = pg.clone();
+    let router_shutdown = shutdown.clone();
     tracker.spawn(async move {
-        route_loop(task_pg, registry, metrics, transactions, ack, shutdown).await;
+        route_loop(
+            task_pg,
+            registry,
+            metrics,
+            transactions,
+            ack,
+            router_shutdown,
+        )
+        .await;
     });
+    if settings.migrate {
+        tracker.spawn(janitor(pg.clone(), shutdown));
+    }
     Ok(pg)
+}
+
+/// How long broadcasts stay in `realtime.messages` (replay reaches back this far), as the
+/// reference's daily partitions dropped after 72 hours.
+const MESSAGE_RETENTION_HOURS: i32 = 72;
+/// How often the janitor runs.
+const JANITOR_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Deletes `realtime.messages` rows older than the retention, periodically. The reference drops
+/// daily partitions instead; one plain table with this delete keeps the same window without
+/// anyone having to create partitions ahead of time.
+async fn janitor(pg: Arc<PostgresChanges>, shutdown: CancellationToken) {
+    loop {
+        match pg.db.client().await {
+            Ok(client) => {
+                let deleted = client
+                    .execute(
+                        "delete from realtime.messages where inserted_at < now()::timestamp - make_interval(hours => $1)",
+                        &[&MESSAGE_RETENTION_HOURS],
+                    )
+                    .await;
+                match deleted {
+                    Ok(0) => {}
+                    Ok(n) => info!(rows = n, "janitor removed expired realtime.messages rows"),
+                    Err(e) => {
+                        warn!(error = %subscription::db_error_text(&e), "janitor could not clean realtime.messages")
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "janitor could not connect"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(JANITOR_INTERVAL) => {}
+        }
+    }
 }
 
 async fn route_loop(
