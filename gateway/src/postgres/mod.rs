@@ -44,22 +44,48 @@ const MAX_BATCH: usize = 256;
 pub(crate) struct Database {
     connect: ConnectConfig,
     shared: Mutex<Option<Arc<Client>>>,
-    exclusive: Vec<Mutex<Option<Client>>>,
+    exclusive: Vec<Mutex<Option<Conn>>>,
+}
+
+/// A connection and the statements prepared on it.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    client: Client,
+    statements: std::collections::HashMap<String, tokio_postgres::Statement>,
 }
 
 /// An exclusive connection, held for one transaction.
-pub(crate) struct Exclusive<'a>(MutexGuard<'a, Option<Client>>);
+pub(crate) struct Exclusive<'a>(MutexGuard<'a, Option<Conn>>);
 
 impl std::ops::Deref for Exclusive<'_> {
     type Target = Client;
     fn deref(&self) -> &Client {
-        self.0.as_ref().expect("connected before handed out")
+        &self.0.as_ref().expect("connected before handed out").client
     }
 }
 
 impl std::ops::DerefMut for Exclusive<'_> {
     fn deref_mut(&mut self) -> &mut Client {
-        self.0.as_mut().expect("connected before handed out")
+        &mut self.0.as_mut().expect("connected before handed out").client
+    }
+}
+
+impl Exclusive<'_> {
+    /// A statement prepared on this connection, prepared once and kept.
+    pub(crate) async fn prepared(
+        &mut self,
+        sql: &str,
+    ) -> Result<tokio_postgres::Statement, tokio_postgres::Error> {
+        let conn = self.0.as_mut().expect("connected before handed out");
+        if let Some(statement) = conn.statements.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = conn.client.prepare(sql).await?;
+        if conn.statements.len() > 256 {
+            conn.statements.clear();
+        }
+        conn.statements.insert(sql.to_owned(), statement.clone());
+        Ok(statement)
     }
 }
 
@@ -103,8 +129,11 @@ impl Database {
             Some(g) => g,
             None => self.exclusive[start].lock().await,
         };
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.open().await?);
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *guard = Some(Conn {
+                client: self.open().await?,
+                statements: Default::default(),
+            });
         }
         Ok(Exclusive(guard))
     }
@@ -223,7 +252,7 @@ pub(crate) async fn start(
 ) -> anyhow::Result<Arc<PostgresChanges>> {
     let connect = ConnectConfig::from_url(&settings.url)
         .map_err(|e| anyhow::anyhow!("invalid DATABASE_URL: {e}"))?;
-    let db = Database::new(connect.clone(), 4);
+    let db = Database::new(connect.clone(), 8);
     if settings.migrate {
         let client = db.client().await.map_err(anyhow::Error::msg)?;
         migrations::apply(&client).await?;

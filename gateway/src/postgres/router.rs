@@ -392,7 +392,7 @@ fn passes(binding: &TableBinding, relation: &Relation, change: &Change) -> bool 
 const VISIBILITY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Visibility queries run at once on the exclusive connections.
-const VISIBILITY_CONCURRENCY: usize = 4;
+const VISIBILITY_CONCURRENCY: usize = 8;
 
 /// Interned viewers are compared by address.
 fn viewer_key(viewer: &Arc<Viewer>) -> usize {

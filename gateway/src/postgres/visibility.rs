@@ -43,6 +43,10 @@ impl Viewer {
     }
 }
 
+/// The transaction-local settings of an RLS check.
+const SET_CLAIMS: &str = "select set_config('role', $1, true), set_config('request.jwt.claims', $2, true), \
+     set_config('request.jwt.claim.sub', $3, true), set_config('request.jwt.claim.role', $1, true)";
+
 /// Quotes an identifier for SQL.
 pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -146,24 +150,34 @@ pub(crate) async fn visible_keys(
         .collect();
 
     let mut client = db.exclusive().await?;
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| super::subscription::db_error_text(&e))?;
+    let db_error = |e: tokio_postgres::Error| super::subscription::db_error_text(&e);
+    let set_statement = client.prepared(SET_CLAIMS).await.map_err(db_error)?;
+    let check_statement = match client.prepared(&sql).await {
+        Ok(statement) => statement,
+        // The role may not select the table at all: nothing is visible. (Preparing checks
+        // nothing about privileges; executing does. Other errors are errors.)
+        Err(e) => return Err(db_error(e)),
+    };
+    let client = &*client;
     let sub = viewer.sub.clone().unwrap_or_default();
-    tx.execute(
-        "select set_config('role', $1, true), set_config('request.jwt.claims', $2, true), \
-         set_config('request.jwt.claim.sub', $3, true), set_config('request.jwt.claim.role', $1, true)",
-        &[&viewer.role, &viewer.claims, &sub],
-    )
-    .await
-    .map_err(|e| super::subscription::db_error_text(&e))?;
     let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = columns
         .iter()
         .map(|c| c as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect();
-    let rows = tx.query(&sql, &params).await;
-    let _ = tx.rollback().await;
+    // The four statements are pipelined: tokio-postgres sends requests issued together in order
+    // without waiting for each answer, so the check costs about one round trip, not four. The
+    // rollback runs even when the check fails (an aborted transaction accepts it).
+    let set_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&viewer.role, &viewer.claims, &sub];
+    // Statements are prepared, so each request below is written at its first poll, in order.
+    let (begin, set, rows, _rollback) = tokio::join!(
+        client.batch_execute("begin"),
+        client.execute(&set_statement, &set_params),
+        client.query(&check_statement, &params),
+        client.batch_execute("rollback"),
+    );
+    begin.map_err(|e| super::subscription::db_error_text(&e))?;
+    set.map_err(|e| super::subscription::db_error_text(&e))?;
     let rows = match rows {
         Ok(rows) => rows,
         // The role may not select the table at all: nothing is visible.
