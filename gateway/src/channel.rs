@@ -600,18 +600,13 @@ impl Channels {
         if channel.pg_entries.is_empty() {
             return;
         }
-        let (member, entries, claims) = (
-            channel.member,
-            channel.pg_entries.clone(),
-            channel.claims.clone(),
-        );
         let (join_ref, sub_topic) = (channel.join_ref.clone(), channel.sub_topic.clone());
-        let outcome = self
-            .subscribe_postgres(member, topic, &claims, &entries, POSTGRES_READY_TIMEOUT)
-            .await;
-        if let Some(channel) = self.by_topic.get_mut(topic) {
-            channel.pg_retry_at = outcome.retry_at();
-        }
+        let Some(outcome) = self
+            .resubscribe_postgres(topic, POSTGRES_READY_TIMEOUT)
+            .await
+        else {
+            return;
+        };
         let (ok, message) = outcome.system_message();
         let system = payload::system("postgres_changes", ok, &message, Some(&sub_topic));
         self.send(join_ref.as_ref(), None, topic, "system", &system);
@@ -648,6 +643,22 @@ impl Channels {
         }
     }
 
+    /// Subscribes a joined channel again with its current claims and schedules the next try
+    /// from the outcome; `None` when the channel is gone.
+    async fn resubscribe_postgres(&mut self, topic: &str, wait: Duration) -> Option<PgOutcome> {
+        let channel = self.by_topic.get(topic)?;
+        let (member, claims, entries) = (
+            channel.member,
+            channel.claims.clone(),
+            channel.pg_entries.clone(),
+        );
+        let outcome = self
+            .subscribe_postgres(member, topic, &claims, &entries, wait)
+            .await;
+        self.by_topic.get_mut(topic)?.pg_retry_at = outcome.retry_at();
+        Some(outcome)
+    }
+
     /// The earliest moment something is due: a token expiry or a Postgres Changes retry.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.by_topic
@@ -670,18 +681,10 @@ impl Channels {
             let Some(channel) = self.by_topic.get(&topic) else {
                 continue;
             };
-            let (member, claims, entries) = (
-                channel.member,
-                channel.claims.clone(),
-                channel.pg_entries.clone(),
-            );
             let (join_ref, sub_topic) = (channel.join_ref.clone(), channel.sub_topic.clone());
-            let outcome = self
-                .subscribe_postgres(member, &topic, &claims, &entries, Duration::ZERO)
-                .await;
-            if let Some(channel) = self.by_topic.get_mut(&topic) {
-                channel.pg_retry_at = outcome.retry_at();
-            }
+            let Some(outcome) = self.resubscribe_postgres(&topic, Duration::ZERO).await else {
+                continue;
+            };
             // Retries are silent until they settle: then the client hears the outcome once.
             let message = match &outcome {
                 PgOutcome::Ready => Some((true, "Subscribed to PostgreSQL".to_owned())),
