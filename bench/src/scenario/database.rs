@@ -152,7 +152,9 @@ fn is_delivery(msg: &Message, pg_changes: bool) -> Option<&[u8]> {
 }
 
 impl Readers {
-    pub fn start(clients: Vec<Client>, pg_changes: bool) -> Readers {
+    /// Reads `clients`; deliveries stamped before `since_us` (rows of an earlier cell that the
+    /// gateway was still working through when these sockets joined) are ignored.
+    pub fn start(clients: Vec<Client>, pg_changes: bool, since_us: u64) -> Readers {
         let stop = CancellationToken::new();
         let mut stats = Vec::new();
         let mut tasks = Vec::new();
@@ -173,10 +175,14 @@ impl Readers {
                         msg = c.ws.next() => match msg {
                             Some(Ok(msg)) => {
                                 if let Some(bytes) = is_delivery(&msg, pg_changes) {
+                                    let t = stamp(bytes);
+                                    if t.is_some_and(|t| t < since_us) {
+                                        continue;
+                                    }
                                     let now = now_us();
                                     s.delivered.fetch_add(1, Ordering::Relaxed);
                                     s.last_us.fetch_max(now, Ordering::Relaxed);
-                                    if let Some(t) = stamp(bytes) {
+                                    if let Some(t) = t {
                                         let us = u32::try_from(now.saturating_sub(t)).unwrap_or(u32::MAX);
                                         s.latencies_us.lock().expect("latencies").push(us);
                                     }
@@ -313,6 +319,8 @@ pub struct RateStep {
     pub latency: Latency,
     /// ≥ 97 % delivered within the drain and p95 < 1 s.
     pub keeping_up: bool,
+    /// ≥ 97 % delivered within the drain (the backlog does not grow), at any latency.
+    pub delivered_all: bool,
     pub closed_sockets: u64,
     pub cpu: CpuReport,
 }
@@ -335,7 +343,7 @@ pub async fn rate_step(
     let (inserted, write_s) = paced_inserts(writers, sql, rate, seconds).await?;
     let expected = inserted * subscribers as u64;
     readers
-        .wait_for(expected, Duration::from_secs(2), drain)
+        .wait_for(expected, Duration::from_secs(6), drain)
         .await;
     let cpu = cpu.finish();
     let (delivered, last, mut lat) = readers.take();
@@ -349,29 +357,41 @@ pub async fn rate_step(
         delivered,
         deliveries_per_s: (delivered as f64 / span_s).round(),
         keeping_up: delivered as f64 >= 0.97 * expected as f64 && latency.p95_ms < 1000.0,
+        delivered_all: delivered as f64 >= 0.97 * expected as f64,
         latency,
         closed_sockets: readers.closed(),
         cpu,
     })
 }
 
-/// Inserts one row at a time until the readers see a delivery (the stream is live), up to 30 s.
+/// Inserts one row at a time until the readers see a delivery (the stream is live), up to 30 s;
+/// then waits until every warm-up row reached every subscriber (or 6 s of quiet, at most 60 s),
+/// so that no warm-up delivery is counted in the first step.
 async fn warm_up(
     readers: &Readers,
     writer: &tokio_postgres::Client,
     sql: &str,
+    subscribers: usize,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut rows = 0u64;
     while readers.delivered() == 0 {
         if Instant::now() > deadline {
             bail!("no delivery within 30 s of the first inserts (is the stream live?)");
         }
         let t = i64::try_from(now_us()).unwrap_or(i64::MAX);
         writer.execute(sql, &[&t]).await?;
+        rows += 1;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Let the warm-up rows arrive everywhere, then forget them.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    readers
+        .wait_for(
+            rows * subscribers as u64,
+            Duration::from_secs(6),
+            Duration::from_secs(60),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     readers.take();
     Ok(())
 }
@@ -411,6 +431,7 @@ pub async fn db_broadcast(
         .await?
         .batch_execute(&db_broadcast_sql(topic))
         .await?;
+    let since = now_us();
     let token = target.endpoint.token.clone();
     let (clients, join_s) = connect_all(&target.endpoint, subscribers, |_, mut c| {
         let token = token.clone();
@@ -420,9 +441,9 @@ pub async fn db_broadcast(
         }
     })
     .await?;
-    let readers = Readers::start(clients, false);
+    let readers = Readers::start(clients, false, since);
     let writers = writers(db).await?;
-    warm_up(&readers, &writers[0], DB_BROADCAST_INSERT).await?;
+    warm_up(&readers, &writers[0], DB_BROADCAST_INSERT, subscribers).await?;
     let mut steps = Vec::new();
     for &rate in rates {
         let s = rate_step(
@@ -433,7 +454,7 @@ pub async fn db_broadcast(
             subscribers,
             rate,
             seconds,
-            Duration::from_secs(10),
+            Duration::from_secs(15),
         )
         .await?;
         let ok = s.keeping_up;
@@ -512,8 +533,13 @@ pub struct CellOutcome {
     pub rls: bool,
     pub filter: bool,
     pub connect_join_s: f64,
-    /// Highest commit rate kept up with (changes/s the writers achieved), 0 if none.
+    /// Highest commit rate kept up with (changes/s the writers achieved) with p95 < 1 s, 0 if
+    /// none.
     pub changes_per_s: f64,
+    /// Highest commit rate whose changes all arrived within the drain, at any latency (p95 < 5 s).
+    pub changes_per_s_any_latency: f64,
+    /// p95 at that step, ms.
+    pub p95_ms_any_latency: f64,
     /// Deliveries/s at that step.
     pub deliveries_per_s: f64,
     /// p95 / p99 at that step.
@@ -553,8 +579,8 @@ async fn join_pg(c: &mut Client, name: &str, token: &str, bindings: &str) -> any
 }
 
 /// Runs one cell: `subscribers` sockets (each its own channel, one INSERT binding), then the
-/// rates in turn until one does not keep up (p95 > 1 s or under 97 % delivered within the drain:
-/// the backlog grows), then `pg_recvlogical` over the same changes from a slot created before
+/// rates in turn until one leaves over 3 % undelivered after the drain (the backlog grows) or
+/// has p95 ≥ 5 s, then `pg_recvlogical` over the same changes from a slot created before
 /// the first step.
 #[allow(clippy::too_many_arguments)]
 pub async fn pg_changes_cell(
@@ -578,6 +604,7 @@ pub async fn pg_changes_cell(
             }
         })
         .collect();
+    let since = now_us();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let (clients, connect_join_s) = connect_all(&target.endpoint, cell.subscribers, |i, mut c| {
         let name = format!("pgc-{}-{i}", &run[..8]);
@@ -589,10 +616,10 @@ pub async fn pg_changes_cell(
         }
     })
     .await?;
-    let readers = Readers::start(clients, true);
+    let readers = Readers::start(clients, true, since);
     let writers = writers(db).await?;
     let insert = cell.insert_sql();
-    warm_up(&readers, &writers[0], &insert).await?;
+    warm_up(&readers, &writers[0], &insert, cell.subscribers).await?;
     let admin = db.client().await?;
     let slot = format!("bench_recv_{}", &run[..12]);
     if recvlogical {
@@ -613,7 +640,7 @@ pub async fn pg_changes_cell(
             cell.subscribers,
             rate,
             seconds,
-            Duration::from_secs(10),
+            Duration::from_secs(15),
         )
         .await?;
         eprintln!(
@@ -632,9 +659,11 @@ pub async fn pg_changes_cell(
                 " (not keeping up)"
             }
         );
-        let ok = s.keeping_up;
+        // Go on while everything arrives (the backlog does not grow) and p95 < 5 s, so that the
+        // rate delivered at any latency is known too; p95 < 1 s is the sustained figure.
+        let go_on = s.delivered_all && s.latency.p95_ms < 5000.0;
         steps.push(s);
-        if !ok {
+        if !go_on {
             break;
         }
     }
@@ -655,7 +684,12 @@ pub async fn pg_changes_cell(
     } else {
         None
     };
-    let best = steps.iter().rev().find(|s| s.keeping_up);
+    // The sustained step: the last of the unbroken run of steps that kept up from the first.
+    let best = steps.iter().take_while(|s| s.keeping_up).last();
+    let any = steps
+        .iter()
+        .take_while(|s| s.delivered_all && s.latency.p95_ms < 5000.0)
+        .last();
     Ok(CellOutcome {
         server: target.name.clone(),
         subscribers: cell.subscribers,
@@ -663,6 +697,8 @@ pub async fn pg_changes_cell(
         filter: cell.filter,
         connect_join_s: (connect_join_s * 1000.0).round() / 1000.0,
         changes_per_s: best.map_or(0.0, |s| s.changes_per_s),
+        changes_per_s_any_latency: any.map_or(0.0, |s| s.changes_per_s),
+        p95_ms_any_latency: any.map_or(0.0, |s| s.latency.p95_ms),
         deliveries_per_s: best.map_or(0.0, |s| s.deliveries_per_s),
         latency: best.map_or_else(Latency::default, |s| s.latency.clone()),
         steps,
@@ -686,4 +722,16 @@ pub fn cell_json(cell: &Cell, o: &CellOutcome) -> anyhow::Result<Value> {
         "results": results,
         "ratios": ratios,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stamp_reads_through_jsonb_spacing() {
+        assert_eq!(stamp(br#"{"t": 123, "id": "x"}"#), Some(123));
+        assert_eq!(stamp(br#"{"record":{"id":1,"t":42}}"#), Some(42));
+        assert_eq!(stamp(br#"{"columns":[{"name":"t","type":"int8"}]}"#), None);
+    }
 }
