@@ -498,15 +498,7 @@ impl Channels {
             },
             skip,
         );
-        if channel.ack {
-            self.send(
-                channel.join_ref.as_ref(),
-                m.msg_ref.as_ref(),
-                &m.topic,
-                "phx_reply",
-                &payload::reply_ok(EMPTY),
-            );
-        }
+        self.ack(channel, &m.topic, m.msg_ref.as_ref());
     }
 
     /// A kind-3 binary push: fanned out as a user broadcast. Client metadata is not forwarded.
@@ -540,13 +532,19 @@ impl Channels {
             payload: &push.payload,
         };
         self.fan_out(channel, &message, skip);
+        self.ack(channel, &push.topic, push.msg_ref.as_ref());
+    }
+
+    /// The ok reply to a broadcast on a channel joined with `ack: true`.
+    fn ack(&self, channel: &Channel, topic: &str, msg_ref: Option<&Ref>) {
         if channel.ack {
+            let reply = payload::reply_ok(EMPTY);
             self.send(
                 channel.join_ref.as_ref(),
-                push.msg_ref.as_ref(),
-                &push.topic,
+                msg_ref,
+                topic,
                 "phx_reply",
-                &payload::reply_ok(EMPTY),
+                &reply,
             );
         }
     }

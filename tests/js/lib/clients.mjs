@@ -74,7 +74,21 @@ export function channel(client, name, { config = {}, event = '*', timeoutMs = 50
   ch.on('broadcast', { event }, (message) => broadcasts.push(message))
   ch.on('system', {}, (message) => system.push(message))
   ch.subscribe((status, err) => statuses.push({ status, err }))
-  const subscribed = statuses.until(
+  const subscribed = untilSubscribed(statuses, name, timeoutMs)
+  subscribed.catch(() => {}) // tests that expect a failure never await it
+  return { channel: ch, broadcasts, system, statuses, subscribed }
+}
+
+/** `channel()` and wait for SUBSCRIBED. */
+export async function joined(client, name, options) {
+  const result = channel(client, name, options)
+  await result.subscribed
+  return result
+}
+
+/** Resolves when `statuses` (an Inbox of {status, err}) reaches SUBSCRIBED; rejects on a failure status first. */
+export function untilSubscribed(statuses, name, timeoutMs) {
+  return statuses.until(
     (items) => {
       for (const { status, err } of items) {
         if (status === 'SUBSCRIBED') return true
@@ -87,13 +101,4 @@ export function channel(client, name, { config = {}, event = '*', timeoutMs = 50
     timeoutMs,
     'SUBSCRIBED',
   )
-  subscribed.catch(() => {}) // tests that expect a failure never await it
-  return { channel: ch, broadcasts, system, statuses, subscribed }
-}
-
-/** `channel()` and wait for SUBSCRIBED. */
-export async function joined(client, name, options) {
-  const result = channel(client, name, options)
-  await result.subscribed
-  return result
 }

@@ -20,6 +20,7 @@ import { fileURLToPath } from 'node:url'
 import pg from 'pg'
 import { freePort } from './gateway.mjs'
 import { Inbox } from './inbox.mjs'
+import { untilSubscribed } from './clients.mjs'
 
 const REPO = fileURLToPath(new URL('../../../', import.meta.url))
 const DATABASE = 'app'
@@ -198,7 +199,6 @@ export async function startPostgres({ supabase = true } = {}) {
   }
 }
 
-const FAILED = new Set(['CHANNEL_ERROR', 'TIMED_OUT', 'CLOSED'])
 
 /**
  * A channel with one `postgres_changes` listener per entry of `bindings` (objects passed to `.on()`
@@ -225,19 +225,7 @@ export function pgChannel(client, name, bindings, { config = {}, timeoutMs = 10_
     statuses.push({ status, err })
     if (onStatus) onStatus(status, err)
   })
-  const subscribed = statuses.until(
-    (items) => {
-      for (const { status, err } of items) {
-        if (status === 'SUBSCRIBED') return true
-        if (FAILED.has(status)) {
-          throw new Error(`channel ${name} reported ${status} before SUBSCRIBED: ${err?.message ?? ''}`)
-        }
-      }
-      return false
-    },
-    timeoutMs,
-    'SUBSCRIBED',
-  )
+  const subscribed = untilSubscribed(statuses, name, timeoutMs)
   subscribed.catch(() => {})
   const ready = subscribed.then(() =>
     system.until(

@@ -6,8 +6,8 @@
 // `lib/clients.mjs`'s `channel()` subscribes at once, leaving no room for presence listeners, hence this file.
 
 import { Inbox } from './inbox.mjs'
+import { untilSubscribed } from './clients.mjs'
 
-const FAILED = new Set(['CHANNEL_ERROR', 'TIMED_OUT', 'CLOSED'])
 
 /**
  * Creates a channel on `client` (supabase-js client or RealtimeClient), listens to presence (unless
@@ -36,19 +36,7 @@ export function presenceChannel(client, name, { key, config = {}, listen = true,
   }
   ch.on('system', {}, (message) => system.push(message))
   ch.subscribe((status, err) => statuses.push({ status, err }))
-  const subscribed = statuses.until(
-    (items) => {
-      for (const { status, err } of items) {
-        if (status === 'SUBSCRIBED') return true
-        if (FAILED.has(status)) {
-          throw new Error(`channel ${name} reported ${status} before SUBSCRIBED: ${err?.message ?? ''}`)
-        }
-      }
-      return false
-    },
-    timeoutMs,
-    'SUBSCRIBED',
-  )
+  const subscribed = untilSubscribed(statuses, name, timeoutMs)
   subscribed.catch(() => {})
   const state = () => ch.presenceState()
   const untilState = (check, ms, what) =>
