@@ -23,7 +23,8 @@ pub mod config;
 mod http;
 mod metrics;
 mod outbox;
-mod postgres;
+#[doc(hidden)]
+pub mod postgres;
 mod presence;
 mod registry;
 mod replay;

@@ -55,6 +55,7 @@ pub(crate) struct Metrics {
     pub(crate) wal_redelivered: AtomicU64,
     pub(crate) postgres_changes_out: AtomicU64,
     pub(crate) visibility_queries: AtomicU64,
+    pub(crate) visibility_policy_decisions: AtomicU64,
     pub(crate) db_broadcasts: AtomicU64,
     closes: [AtomicU64; 5],
 }
@@ -169,6 +170,11 @@ impl Metrics {
                 "realtime_visibility_queries_total",
                 "Batched RLS visibility queries.",
                 &self.visibility_queries,
+            ),
+            (
+                "realtime_visibility_policy_decisions_total",
+                "Row visibility decided in process from the table's policies, per subscriber group and row.",
+                &self.visibility_policy_decisions,
             ),
             (
                 "realtime_db_broadcasts_total",

@@ -6,6 +6,7 @@
 //! - `router`: table → subscriptions, and the batch path from WAL transactions to sockets.
 //! - `payload`: the `postgres_changes` message.
 //! - `visibility`: batched RLS checks.
+//! - `policy`: row policies evaluated in process, the fast path of those checks.
 //! - `migrations`: the `realtime` schema objects applied at start.
 //!
 //! Delivery: the listener hands whole transactions over a bounded queue; the router task takes
@@ -16,6 +17,7 @@
 pub(crate) mod filter;
 pub(crate) mod migrations;
 pub(crate) mod payload;
+pub mod policy;
 pub(crate) mod router;
 pub(crate) mod subscription;
 pub(crate) mod visibility;
@@ -373,6 +375,7 @@ async fn route_loop(
         Metrics::add(&metrics.postgres_changes_out, stats.frames);
         Metrics::add(&metrics.dropped_deliveries, stats.dropped);
         Metrics::add(&metrics.visibility_queries, stats.visibility_queries);
+        Metrics::add(&metrics.visibility_policy_decisions, stats.policy_decisions);
         Metrics::add(&metrics.db_broadcasts, stats.db_broadcasts);
         if let Some(last) = batch.last() {
             ack.ack(last.commit_lsn);

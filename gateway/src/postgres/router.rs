@@ -8,6 +8,7 @@
 //! sockets' outboxes without waiting. The caller acknowledges the batch's last LSN afterwards.
 
 use super::payload::{self, Shape};
+use super::policy::{self, Undecided};
 use super::subscription::{EventFilter, TableAccess, TableBinding};
 use super::visibility::{self, Viewer};
 use crate::outbox::{Frame, Outbox};
@@ -160,11 +161,44 @@ pub(crate) struct BatchStats {
     pub(crate) frames: u64,
     pub(crate) dropped: u64,
     pub(crate) visibility_queries: u64,
+    /// (viewer, row) visibility decided in process by the row policies.
+    pub(crate) policy_decisions: u64,
     pub(crate) db_broadcasts: u64,
 }
 
-/// The rows of one table to check for one viewer: (viewer, table, primary keys).
-type PendingCheck = (Arc<Viewer>, Arc<TableAccess>, Vec<Vec<String>>);
+/// The rows of one table to check for one viewer: (viewer, table, indexes into the matched
+/// changes).
+type PendingCheck = (Arc<Viewer>, Arc<TableAccess>, Vec<usize>);
+
+/// (viewer address, table OID).
+type CheckKey = (usize, u32);
+
+/// Primary keys left to the SQL check: (viewer, table, keys).
+type PendingKeys = (Arc<Viewer>, Arc<TableAccess>, Vec<Vec<String>>);
+
+/// A WAL tuple as a row for the policy evaluator.
+struct WalRow<'a> {
+    relation: &'a Relation,
+    tuple: &'a [TupleValue],
+}
+
+impl policy::Row for WalRow<'_> {
+    fn cell(&self, column: &str) -> Option<policy::Cell<'_>> {
+        let i = self
+            .relation
+            .columns
+            .iter()
+            .position(|c| c.name == column)?;
+        Some(match self.tuple.get(i)? {
+            TupleValue::Null => policy::Cell::Null,
+            TupleValue::Text(_) => match self.tuple[i].as_str() {
+                Some(text) => policy::Cell::Text(text, &self.relation.columns[i].pg_type.name),
+                None => policy::Cell::Unknown,
+            },
+            TupleValue::UnchangedToast | TupleValue::Binary(_) => policy::Cell::Unknown,
+        })
+    }
+}
 
 /// A change with the subscriptions whose event and filters it passes.
 struct Matched<'a> {
@@ -225,10 +259,14 @@ pub(crate) async fn route(
         return stats;
     }
 
-    // Visibility: one query per (viewer, table) for all INSERT/UPDATE rows of RLS tables.
-    let mut checks: HashMap<(usize, u32), PendingCheck> = HashMap::new();
-    for m in &matched {
-        let Some(key) = rls_key(m) else { continue };
+    // Visibility of the INSERT/UPDATE rows of RLS tables, per (viewer, table): first by the
+    // policies evaluated in process, then one SQL check per (viewer, table) for the rows those
+    // could not decide.
+    let mut checks: HashMap<CheckKey, PendingCheck> = HashMap::new();
+    for (index, m) in matched.iter().enumerate() {
+        if rls_key(m).is_none() {
+            continue;
+        }
         for sub in &m.subs {
             if !needs_rls_check(sub) {
                 continue;
@@ -236,10 +274,65 @@ pub(crate) async fn route(
             let entry = checks
                 .entry((viewer_key(&sub.viewer), sub.binding.access.oid))
                 .or_insert_with(|| (sub.viewer.clone(), sub.binding.access.clone(), Vec::new()));
-            entry.2.push(key.clone());
+            if entry.2.last() != Some(&index) {
+                entry.2.push(index);
+            }
         }
     }
+    let mut visible: HashMap<CheckKey, HashSet<Vec<String>>> = HashMap::new();
+    let mut residual: Vec<(CheckKey, PendingKeys)> = Vec::new();
     if !checks.is_empty() {
+        let mut pairs: Vec<(String, u32)> = checks
+            .values()
+            .map(|(viewer, access, _)| (viewer.role.clone(), access.oid))
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        let policies = match visibility::row_policies(db, &pairs).await {
+            Ok(policies) => policies,
+            Err(e) => {
+                warn!(error = %e, "could not read row policies: every row checked in SQL");
+                visibility::RowPolicies::default()
+            }
+        };
+        for (key, (viewer, access, rows)) in checks {
+            let compiled = policies.tables.get(&(viewer.role.clone(), access.oid));
+            let caller = compiled.map(|_| viewer.caller(&policies.functions));
+            let seen = visible.entry(key).or_default();
+            let mut undecided = Vec::new();
+            for index in rows {
+                let m = &matched[index];
+                let Some(pk) = rls_key(m) else { continue };
+                let decision = match (compiled, &caller, m.change) {
+                    (
+                        Some(compiled),
+                        Some(caller),
+                        Change::Insert { new, .. } | Change::Update { new, .. },
+                    ) => compiled.decide(
+                        &WalRow {
+                            relation: m.relation,
+                            tuple: new,
+                        },
+                        caller,
+                    ),
+                    _ => Err(Undecided),
+                };
+                match decision {
+                    Ok(visible) => {
+                        stats.policy_decisions += 1;
+                        if visible {
+                            seen.insert(pk);
+                        }
+                    }
+                    Err(Undecided) => undecided.push(pk),
+                }
+            }
+            if !undecided.is_empty() {
+                residual.push((key, (viewer, access, undecided)));
+            }
+        }
+    }
+    if !residual.is_empty() {
         let mut xids: Vec<u32> = matched
             .iter()
             .filter(|m| rls_key(m).is_some())
@@ -255,8 +348,8 @@ pub(crate) async fn route(
             Err(e) => warn!(error = %e, "could not wait for committed transactions to be visible"),
         }
     }
-    stats.visibility_queries = checks.len() as u64;
-    let visible: HashMap<(usize, u32), HashSet<Vec<String>>> = futures_util::stream::iter(checks)
+    stats.visibility_queries = residual.len() as u64;
+    let checked: Vec<(CheckKey, HashSet<Vec<String>>)> = futures_util::stream::iter(residual)
         .map(|(key, (viewer, access, mut keys))| async move {
             keys.sort();
             keys.dedup();
@@ -272,6 +365,9 @@ pub(crate) async fn route(
         .buffer_unordered(VISIBILITY_CONCURRENCY)
         .collect()
         .await;
+    for (key, seen) in checked {
+        visible.entry(key).or_default().extend(seen);
+    }
 
     // Payloads and fan-out, in commit order.
     for m in &matched {

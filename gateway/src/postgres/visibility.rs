@@ -5,8 +5,9 @@
 //! transaction-locally, and asks which of the changed primary keys the role can select now (after
 //! commit), as the reference server does. The transaction is rolled back.
 
+use super::policy::{AuthFunctions, Caller, TablePolicies};
 use super::subscription::TableAccess;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// Who is looking: the role and claims of a channel's token.
@@ -16,6 +17,8 @@ pub(crate) struct Viewer {
     /// `request.jwt.claims` as JSON text.
     pub(crate) claims: String,
     pub(crate) sub: Option<String>,
+    /// The claims, for policies evaluated in process.
+    pub(crate) claims_map: serde_json::Map<String, serde_json::Value>,
     pub(crate) bypass_rls: bool,
     /// Identity of the (role, claims) group: equal claims share one visibility query.
     pub(crate) group: Arc<str>,
@@ -37,10 +40,110 @@ impl Viewer {
             role,
             claims: claims_text,
             sub,
+            claims_map: claims.clone(),
             bypass_rls,
             group,
         }
     }
+}
+
+impl Viewer {
+    /// The caller as the `auth` helper functions see it in an RLS check (see [`SET_CLAIMS`]).
+    pub(crate) fn caller(&self, functions: &AuthFunctions) -> Caller {
+        Caller::new(functions, &self.role, &self.claims_map, self.sub.as_deref())
+    }
+}
+
+/// The SELECT policies of tables per role, for evaluation in process (see `policy`).
+#[derive(Debug, Default)]
+pub(crate) struct RowPolicies {
+    pub(crate) functions: AuthFunctions,
+    /// (role, table OID) → the policies, when every one is in the grammar and RLS applies to the
+    /// role plainly (not the owner, no BYPASSRLS, SELECT granted on the whole table).
+    pub(crate) tables: HashMap<(String, u32), TablePolicies>,
+}
+
+/// The policies of each (role, table), deparsed with an empty `search_path` so that every name
+/// outside `pg_catalog` is written qualified.
+const POLICIES: &str = "select r.role, r.oid, \
+       coalesce((select json_agg(json_build_array(p.polpermissive, pg_get_expr(p.polqual, p.polrelid)) \
+                                 order by p.polname) \
+                   from pg_policy p \
+                  where p.polrelid = c.oid and p.polcmd in ('r', '*') \
+                    and (0::oid = any(p.polroles) \
+                         or exists (select 1 from unnest(p.polroles) as pr(oid) \
+                                     where pr.oid <> 0 and pg_has_role(a.oid, pr.oid, 'USAGE')))), \
+                '[]')::text \
+  from unnest($1::text[], $2::oid[]) as r(role, oid) \
+  join pg_roles a on a.rolname = r.role \
+  join pg_class c on c.oid = r.oid \
+ where c.relrowsecurity and not a.rolsuper and not a.rolbypassrls \
+   and has_table_privilege(a.oid, c.oid, 'SELECT') \
+   and not pg_has_role(a.oid, c.relowner, 'USAGE')";
+
+/// The bodies of the `auth` helpers, when they are plain SQL functions.
+const AUTH_FUNCTIONS: &str = "select p.proname::text, p.prosrc, \
+       coalesce(current_setting('request.jwt.claim', true), '') \
+  from pg_proc p join pg_namespace n on n.oid = p.pronamespace \
+  join pg_language l on l.oid = p.prolang \
+ where n.nspname = 'auth' and p.proname in ('uid', 'role', 'jwt') and p.pronargs = 0 \
+   and l.lanname = 'sql' and p.proconfig is null and p.prokind = 'f' and not p.proretset";
+
+/// Reads the policies for `pairs` of (role, table OID): one round trip per batch, so policy
+/// changes apply from the next batch, as they do for the SQL check.
+pub(crate) async fn row_policies(
+    db: &super::Database,
+    pairs: &[(String, u32)],
+) -> Result<RowPolicies, String> {
+    let db_error = |e: tokio_postgres::Error| super::subscription::db_error_text(&e);
+    let mut client = db.exclusive().await?;
+    let policies = client.prepared(POLICIES).await.map_err(db_error)?;
+    let functions = client.prepared(AUTH_FUNCTIONS).await.map_err(db_error)?;
+    let client = &*client;
+    let roles: Vec<&str> = pairs.iter().map(|(r, _)| r.as_str()).collect();
+    let oids: Vec<u32> = pairs.iter().map(|(_, o)| *o).collect();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&roles, &oids];
+    let (begin, tables, bodies, _commit) = tokio::join!(
+        client.batch_execute("begin read only; set local search_path to ''"),
+        client.query(&policies, &params),
+        client.query(&functions, &[]),
+        client.batch_execute("commit"),
+    );
+    begin.map_err(db_error)?;
+    let (tables, bodies) = (tables.map_err(db_error)?, bodies.map_err(db_error)?);
+    let body = |name: &str| {
+        bodies
+            .iter()
+            .find(|r| r.get::<_, &str>(0) == name)
+            .map(|r| r.get::<_, String>(1))
+    };
+    let mut functions = AuthFunctions::recognise(
+        body("uid").as_deref(),
+        body("role").as_deref(),
+        body("jwt").as_deref(),
+    );
+    // `auth.jwt()` prefers `request.jwt.claim`, which the check does not set: if this session
+    // has it, the claims are not what the function returns.
+    if bodies
+        .first()
+        .is_some_and(|r| !r.get::<_, &str>(2).is_empty())
+    {
+        functions.jwt = false;
+    }
+    let mut out = RowPolicies {
+        functions,
+        tables: HashMap::new(),
+    };
+    for row in tables {
+        let role: String = row.get(0);
+        let oid: u32 = row.get(1);
+        let list: Vec<(bool, Option<String>)> =
+            serde_json::from_str(row.get::<_, &str>(2)).map_err(|e| e.to_string())?;
+        if let Some(compiled) = TablePolicies::compile(&list) {
+            out.tables.insert((role, oid), compiled);
+        }
+    }
+    Ok(out)
 }
 
 /// The transaction-local settings of an RLS check.
