@@ -82,20 +82,20 @@ impl Shape {
     }
 }
 
-/// `{"ids":[…],"data":…}`.
-pub(crate) fn message(ids: &[u32], data: &str) -> String {
-    let mut out = String::with_capacity(data.len() + 16 + ids.len() * 11);
+/// Appends `{"ids":[…],"data":…}` to `out`.
+pub(crate) fn write_message(out: &mut String, ids: &[u32], data: &str) {
+    use std::fmt::Write;
+    out.reserve(data.len() + 16 + ids.len() * 11);
     out.push_str("{\"ids\":[");
     for (i, id) in ids.iter().enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&id.to_string());
+        let _ = write!(out, "{id}");
     }
     out.push_str("],\"data\":");
     out.push_str(data);
     out.push('}');
-    out
 }
 
 /// The `data` object of one change for one shape.
@@ -323,6 +323,8 @@ mod tests {
 
     #[test]
     fn message_wraps_ids() {
-        assert_eq!(message(&[1, 22], "{}"), r#"{"ids":[1,22],"data":{}}"#);
+        let mut out = String::new();
+        write_message(&mut out, &[1, 22], "{}");
+        assert_eq!(out, r#"{"ids":[1,22],"data":{}}"#);
     }
 }

@@ -51,6 +51,8 @@ pub(crate) struct Router {
 struct Interned {
     shapes: Vec<std::sync::Weak<super::payload::ShapeSpec>>,
     viewers: HashMap<Arc<str>, std::sync::Weak<Viewer>>,
+    /// Channel topics, so that equal topics are one allocation and frames are shared by address.
+    topics: HashMap<Arc<str>, std::sync::Weak<str>>,
 }
 
 impl Interned {
@@ -82,6 +84,17 @@ impl Interned {
             .insert(viewer.group.clone(), Arc::downgrade(&viewer));
         viewer
     }
+
+    fn topic(&mut self, topic: Arc<str>) -> Arc<str> {
+        if let Some(existing) = self.topics.get(&topic).and_then(std::sync::Weak::upgrade) {
+            return existing;
+        }
+        if self.topics.len() > 1024 {
+            self.topics.retain(|_, w| w.strong_count() > 0);
+        }
+        self.topics.insert(topic.clone(), Arc::downgrade(&topic));
+        topic
+    }
 }
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
@@ -104,6 +117,7 @@ impl Router {
             for sub in &mut subs {
                 sub.shape = interned.shape(sub.shape.clone());
                 sub.viewer = interned.viewer(sub.viewer.clone());
+                sub.topic = interned.topic(sub.topic.clone());
             }
         }
         let mut tables = write(&self.tables);
@@ -172,9 +186,6 @@ type PendingCheck = (Arc<Viewer>, Arc<TableAccess>, Vec<usize>);
 
 /// (viewer address, table OID).
 type CheckKey = (usize, u32);
-
-/// Primary keys left to the SQL check: (viewer, table, keys).
-type PendingKeys = (Arc<Viewer>, Arc<TableAccess>, Vec<Vec<String>>);
 
 /// A WAL tuple as a row for the policy evaluator.
 struct WalRow<'a> {
@@ -261,10 +272,11 @@ pub(crate) async fn route(
 
     // Visibility of the INSERT/UPDATE rows of RLS tables, per (viewer, table): first by the
     // policies evaluated in process, then one SQL check per (viewer, table) for the rows those
-    // could not decide.
-    let mut checks: HashMap<CheckKey, PendingCheck> = HashMap::new();
+    // could not decide. The answer is one flag per matched change.
+    let pks: Vec<Option<Vec<String>>> = matched.iter().map(rls_key).collect();
+    let mut checks: FastMap<CheckKey, PendingCheck> = FastMap::default();
     for (index, m) in matched.iter().enumerate() {
-        if rls_key(m).is_none() {
+        if pks[index].is_none() {
             continue;
         }
         for sub in &m.subs {
@@ -279,8 +291,8 @@ pub(crate) async fn route(
             }
         }
     }
-    let mut visible: HashMap<CheckKey, HashSet<Vec<String>>> = HashMap::new();
-    let mut residual: Vec<(CheckKey, PendingKeys)> = Vec::new();
+    let mut visible: FastMap<CheckKey, Vec<bool>> = FastMap::default();
+    let mut residual: Vec<(CheckKey, PendingCheck)> = Vec::new();
     if !checks.is_empty() {
         let mut pairs: Vec<(String, u32)> = checks
             .values()
@@ -298,11 +310,12 @@ pub(crate) async fn route(
         for (key, (viewer, access, rows)) in checks {
             let compiled = policies.tables.get(&(viewer.role.clone(), access.oid));
             let caller = compiled.map(|_| viewer.caller(&policies.functions));
-            let seen = visible.entry(key).or_default();
+            let flags = visible
+                .entry(key)
+                .or_insert_with(|| vec![false; matched.len()]);
             let mut undecided = Vec::new();
             for index in rows {
                 let m = &matched[index];
-                let Some(pk) = rls_key(m) else { continue };
                 let decision = match (compiled, &caller, m.change) {
                     (
                         Some(compiled),
@@ -318,13 +331,11 @@ pub(crate) async fn route(
                     _ => Err(Undecided),
                 };
                 match decision {
-                    Ok(visible) => {
+                    Ok(seen) => {
                         stats.policy_decisions += 1;
-                        if visible {
-                            seen.insert(pk);
-                        }
+                        flags[index] = seen;
                     }
-                    Err(Undecided) => undecided.push(pk),
+                    Err(Undecided) => undecided.push(index),
                 }
             }
             if !undecided.is_empty() {
@@ -335,8 +346,9 @@ pub(crate) async fn route(
     if !residual.is_empty() {
         let mut xids: Vec<u32> = matched
             .iter()
-            .filter(|m| rls_key(m).is_some())
-            .map(|m| m.xid)
+            .zip(&pks)
+            .filter(|(_, pk)| pk.is_some())
+            .map(|(m, _)| m.xid)
             .collect();
         xids.sort_unstable();
         xids.dedup();
@@ -349,92 +361,153 @@ pub(crate) async fn route(
         }
     }
     stats.visibility_queries = residual.len() as u64;
-    let checked: Vec<(CheckKey, HashSet<Vec<String>>)> = futures_util::stream::iter(residual)
-        .map(|(key, (viewer, access, mut keys))| async move {
-            keys.sort();
-            keys.dedup();
-            let seen = match visibility::visible_keys(db, &viewer, &access, &keys).await {
-                Ok(seen) => seen,
-                Err(e) => {
-                    warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check failed: rows withheld");
-                    HashSet::new()
-                }
-            };
-            (key, seen)
-        })
-        .buffer_unordered(VISIBILITY_CONCURRENCY)
-        .collect()
-        .await;
-    for (key, seen) in checked {
-        visible.entry(key).or_default().extend(seen);
+    let pks = &pks;
+    let checked: Vec<(CheckKey, Vec<usize>, HashSet<Vec<String>>)> =
+        futures_util::stream::iter(residual)
+            .map(|(key, (viewer, access, rows))| async move {
+                let mut keys: Vec<Vec<String>> =
+                    rows.iter().filter_map(|&i| pks[i].clone()).collect();
+                keys.sort();
+                keys.dedup();
+                let seen = match visibility::visible_keys(db, &viewer, &access, &keys).await {
+                    Ok(seen) => seen,
+                    Err(e) => {
+                        warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check failed: rows withheld");
+                        HashSet::new()
+                    }
+                };
+                (key, rows, seen)
+            })
+            .buffer_unordered(VISIBILITY_CONCURRENCY)
+            .collect()
+            .await;
+    for (key, rows, seen) in checked {
+        let flags = visible
+            .entry(key)
+            .or_insert_with(|| vec![false; matched.len()]);
+        for index in rows {
+            flags[index] = pks[index].as_ref().is_some_and(|pk| seen.contains(pk));
+        }
     }
 
-    // Payloads and fan-out, in commit order.
-    for m in &matched {
-        let key = rls_key(m);
-        // (member, shape) → ids; keep first-seen order of channels.
-        let mut groups: Vec<(MemberId, usize, Vec<u32>, Arc<Subscription>)> = Vec::new();
-        let mut group_index: HashMap<(MemberId, usize), usize> = HashMap::new();
-        let mut shapes: Vec<Shape> = Vec::new();
-        for sub in &m.subs {
-            if change_needs_rls_check(m.change, sub) {
-                let ok = key.as_ref().is_some_and(|k| {
-                    visible
+    // Payloads and fan-out, in commit order. A channel's subscriptions on a table are adjacent in
+    // the table's list (`Router::subscribe` adds them together), so one run of equal members is
+    // one channel: its matching bindings share a frame per shape. Equal frames (same shape, ids,
+    // serializer and topic) are encoded once per change and shared between channels.
+    let mut frames: FastMap<(usize, Vsn, usize, Vec<u32>), Frame> = FastMap::default();
+    let mut body = String::new();
+    let mut shapes: Vec<Shape> = Vec::new();
+    let mut datas: Vec<Option<String>> = Vec::new();
+    let mut run: Vec<(usize, Vec<u32>, usize)> = Vec::new();
+    for (index, m) in matched.iter().enumerate() {
+        frames.clear();
+        shapes.clear();
+        datas.clear();
+        let mut start = 0;
+        while start < m.subs.len() {
+            let member = m.subs[start].member;
+            let end = start
+                + m.subs[start..]
+                    .iter()
+                    .position(|s| s.member != member)
+                    .unwrap_or(m.subs.len() - start);
+            // (shape, ids, the first subscription) of this channel, in first-seen order.
+            run.clear();
+            for (offset, sub) in m.subs[start..end].iter().enumerate() {
+                if change_needs_rls_check(m.change, sub) {
+                    let seen = visible
                         .get(&(viewer_key(&sub.viewer), sub.binding.access.oid))
-                        .is_some_and(|set| set.contains(k))
-                });
-                if !ok {
-                    continue;
-                }
-            }
-            let shape_idx = match shapes.iter().position(|s| s.same(&sub.shape)) {
-                Some(i) => i,
-                None => {
-                    shapes.push(sub.shape.clone());
-                    shapes.len() - 1
-                }
-            };
-            match group_index.get(&(sub.member, shape_idx)) {
-                Some(&g) => {
-                    let ids = &mut groups[g].2;
-                    if !ids.contains(&sub.binding.binding_id) {
-                        ids.push(sub.binding.binding_id);
+                        .is_some_and(|flags| flags[index]);
+                    if !seen {
+                        continue;
                     }
                 }
-                None => {
-                    group_index.insert((sub.member, shape_idx), groups.len());
-                    groups.push((
-                        sub.member,
-                        shape_idx,
-                        vec![sub.binding.binding_id],
-                        sub.clone(),
-                    ));
+                let shape_idx = match shapes.iter().position(|s| s.same(&sub.shape)) {
+                    Some(i) => i,
+                    None => {
+                        shapes.push(sub.shape.clone());
+                        datas.push(None);
+                        shapes.len() - 1
+                    }
+                };
+                match run.iter_mut().find(|(s, _, _)| *s == shape_idx) {
+                    Some((_, ids, _)) => {
+                        if !ids.contains(&sub.binding.binding_id) {
+                            ids.push(sub.binding.binding_id);
+                        }
+                    }
+                    None => run.push((shape_idx, vec![sub.binding.binding_id], start + offset)),
                 }
             }
-        }
-        let datas: Vec<String> = shapes
-            .iter()
-            .map(|shape| {
-                payload::data(shape, m.relation, m.change, m.commit_time, max_record_bytes)
-            })
-            .collect();
-        let mut frames: HashMap<(usize, Vec<u32>, Vsn, Arc<str>), Frame> = HashMap::new();
-        for (_, shape_idx, ids, sub) in groups {
-            let frame = frames
-                .entry((shape_idx, ids, sub.vsn, sub.topic.clone()))
-                .or_insert_with_key(|(_, ids, vsn, topic)| {
-                    let body = payload::message(ids, &datas[shape_idx]);
-                    Frame::text(vsn.encode(None, None, topic, "postgres_changes", &body))
-                })
-                .clone();
-            if sub.outbox.push(frame) {
-                stats.frames += 1;
-            } else {
-                stats.dropped += 1;
+            for (shape_idx, ids, first) in run.drain(..) {
+                let sub = &m.subs[first];
+                let data = datas[shape_idx].get_or_insert_with(|| {
+                    payload::data(
+                        &shapes[shape_idx],
+                        m.relation,
+                        m.change,
+                        m.commit_time,
+                        max_record_bytes,
+                    )
+                });
+                let topic_key = Arc::as_ptr(&sub.topic) as *const u8 as usize;
+                let frame = frames
+                    .entry((shape_idx, sub.vsn, topic_key, ids))
+                    .or_insert_with_key(|(_, vsn, _, ids)| {
+                        body.clear();
+                        payload::write_message(&mut body, ids, data);
+                        Frame::text(vsn.encode(None, None, &sub.topic, "postgres_changes", &body))
+                    })
+                    .clone();
+                if sub.outbox.push(frame) {
+                    stats.frames += 1;
+                } else {
+                    stats.dropped += 1;
+                }
             }
+            start = end;
         }
     }
     stats
+}
+
+/// A hash map keyed by small integers and pointers, hashed with [`FastHasher`].
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
+/// A multiply-rotate hasher (the one rustc uses) for keys made of integers and addresses, which
+/// the fan-out hashes once per subscriber and change; not resistant to chosen keys, and these
+/// keys are not chosen by clients.
+#[derive(Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
 }
 
 /// Event filter and conditions: new row for INSERT/UPDATE, old identity for DELETE.
