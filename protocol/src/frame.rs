@@ -101,7 +101,23 @@ impl Vsn {
         event: &str,
         payload: &str,
     ) -> String {
-        let mut out = String::with_capacity(payload.len() + topic.len() + event.len() + 48);
+        self.encode_with(join_ref, msg_ref, topic, event, payload.len(), |out| {
+            out.push_str(payload)
+        })
+    }
+
+    /// Encodes one frame whose payload `write_payload` appends (valid JSON text, about
+    /// `payload_len` bytes), so a payload assembled from parts is copied once.
+    pub fn encode_with(
+        self,
+        join_ref: Option<&Ref>,
+        msg_ref: Option<&Ref>,
+        topic: &str,
+        event: &str,
+        payload_len: usize,
+        write_payload: impl FnOnce(&mut String),
+    ) -> String {
+        let mut out = String::with_capacity(payload_len + topic.len() + event.len() + 48);
         match self {
             Vsn::V1 => {
                 out.push_str("{\"topic\":");
@@ -109,7 +125,7 @@ impl Vsn {
                 out.push_str(",\"event\":");
                 push_json_str(&mut out, event);
                 out.push_str(",\"payload\":");
-                out.push_str(payload);
+                write_payload(&mut out);
                 out.push_str(",\"ref\":");
                 push_ref(&mut out, msg_ref);
                 out.push('}');
@@ -124,7 +140,7 @@ impl Vsn {
                 out.push(',');
                 push_json_str(&mut out, event);
                 out.push(',');
-                out.push_str(payload);
+                write_payload(&mut out);
                 out.push(']');
             }
         }

@@ -395,7 +395,6 @@ pub(crate) async fn route(
     // one channel: its matching bindings share a frame per shape. Equal frames (same shape, ids,
     // serializer and topic) are encoded once per change and shared between channels.
     let mut frames: FastMap<(usize, Vsn, usize, Vec<u32>), Frame> = FastMap::default();
-    let mut body = String::new();
     let mut shapes: Vec<Shape> = Vec::new();
     let mut datas: Vec<Option<String>> = Vec::new();
     let mut run: Vec<(usize, Vec<u32>, usize)> = Vec::new();
@@ -454,9 +453,14 @@ pub(crate) async fn route(
                 let frame = frames
                     .entry((shape_idx, sub.vsn, topic_key, ids))
                     .or_insert_with_key(|(_, vsn, _, ids)| {
-                        body.clear();
-                        payload::write_message(&mut body, ids, data);
-                        Frame::text(vsn.encode(None, None, &sub.topic, "postgres_changes", &body))
+                        Frame::text(vsn.encode_with(
+                            None,
+                            None,
+                            &sub.topic,
+                            "postgres_changes",
+                            data.len() + 16 + ids.len() * 11,
+                            |out| payload::write_message(out, ids, data),
+                        ))
                     })
                     .clone();
                 if sub.outbox.push(frame) {
