@@ -176,6 +176,10 @@ enum Command {
         /// Filters to run: none, eq.
         #[arg(long, value_delimiter = ',', default_value = "none,eq")]
         filter: Vec<String>,
+        /// Channel names to run: distinct (each subscriber its own, a frame per subscriber),
+        /// shared (all the same name, one frame per change).
+        #[arg(long, value_delimiter = ',', default_value = "distinct")]
+        topics: Vec<String>,
         /// Commit rates (changes/s) to step through.
         #[arg(
             long,
@@ -512,6 +516,7 @@ async fn database_command(
             subscribers,
             rls,
             filter,
+            topics,
             rates,
             seconds,
             no_recvlogical,
@@ -525,12 +530,17 @@ async fn database_command(
             let mut cells = 0;
             for &n in subscribers {
                 check_sockets(n, ceiling)?;
-                for r in rls {
-                    for f in filter {
+                for (r, f, t) in rls.iter().flat_map(|r| {
+                    filter
+                        .iter()
+                        .flat_map(move |f| topics.iter().map(move |t| (r, f, t)))
+                }) {
+                    {
                         let cell = database::Cell {
                             subscribers: n,
                             rls: parse_switch(r, "on", "off")?,
                             filter: parse_switch(f, "eq", "none")?,
+                            shared_topic: parse_switch(t, "shared", "distinct")?,
                         };
                         // A fresh gateway (and slot) per cell: a cell that ended behind must
                         // not slow the next one down with its backlog.

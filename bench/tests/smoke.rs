@@ -129,19 +129,22 @@ async fn the_database_scenarios_run_against_the_gateway() {
         .batch_execute(database::PG_CHANGES_SQL)
         .await
         .unwrap();
-    let cell = database::Cell {
-        subscribers: 3,
-        rls: true,
-        filter: true,
-    };
-    let o = database::pg_changes_cell(&gw, cluster, &db, DEV_SECRET, cell, &[20.0], 0.3, true)
-        .await
-        .unwrap();
-    assert!(o.steps[0].delivered > 0, "{o:?}");
-    assert!(
-        o.recvlogical.as_ref().is_some_and(|r| r.changes > 0),
-        "{o:?}"
-    );
+    for shared_topic in [false, true] {
+        let cell = database::Cell {
+            subscribers: 3,
+            rls: true,
+            filter: true,
+            shared_topic,
+        };
+        let o = database::pg_changes_cell(&gw, cluster, &db, DEV_SECRET, cell, &[20.0], 0.3, true)
+            .await
+            .unwrap();
+        assert!(o.steps[0].delivered > 0, "{o:?}");
+        assert!(
+            o.recvlogical.as_ref().is_some_and(|r| r.changes > 0),
+            "{o:?}"
+        );
+    }
     stop.cancel();
 }
 

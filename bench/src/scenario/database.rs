@@ -487,6 +487,9 @@ pub struct Cell {
     pub subscribers: usize,
     pub rls: bool,
     pub filter: bool,
+    /// Every subscriber joins the same channel name (as the Supabase docs' examples do), so a
+    /// change is one frame shared by all; otherwise each has its own (a frame per subscriber).
+    pub shared_topic: bool,
 }
 
 impl Cell {
@@ -517,10 +520,15 @@ impl Cell {
 
     pub fn label(&self) -> String {
         format!(
-            "{} subscribers, rls {}, filter {}",
+            "{} subscribers, rls {}, filter {}{}",
             self.subscribers,
             if self.rls { "on" } else { "off" },
-            if self.filter { "eq" } else { "none" }
+            if self.filter { "eq" } else { "none" },
+            if self.shared_topic {
+                ", one shared topic"
+            } else {
+                ""
+            }
         )
     }
 }
@@ -532,6 +540,7 @@ pub struct CellOutcome {
     pub subscribers: usize,
     pub rls: bool,
     pub filter: bool,
+    pub shared_topic: bool,
     pub connect_join_s: f64,
     /// Highest commit rate kept up with (changes/s the writers achieved) with p95 < 1 s, 0 if
     /// none.
@@ -578,7 +587,8 @@ async fn join_pg(c: &mut Client, name: &str, token: &str, bindings: &str) -> any
     }
 }
 
-/// Runs one cell: `subscribers` sockets (each its own channel, one INSERT binding), then the
+/// Runs one cell: `subscribers` sockets (each its own channel name unless `shared_topic`, one
+/// INSERT binding), then the
 /// rates in turn until one leaves over 3 % undelivered after the drain (the backlog grows) or
 /// has p95 ≥ 5 s, then `pg_recvlogical` over the same changes from a slot created before
 /// the first step.
@@ -607,7 +617,11 @@ pub async fn pg_changes_cell(
     let since = now_us();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let (clients, connect_join_s) = connect_all(&target.endpoint, cell.subscribers, |i, mut c| {
-        let name = format!("pgc-{}-{i}", &run[..8]);
+        let name = if cell.shared_topic {
+            format!("pgc-{}", &run[..8])
+        } else {
+            format!("pgc-{}-{i}", &run[..8])
+        };
         let token = tokens[i].clone();
         let bindings = bindings.clone();
         async move {
@@ -695,6 +709,7 @@ pub async fn pg_changes_cell(
         subscribers: cell.subscribers,
         rls: cell.rls,
         filter: cell.filter,
+        shared_topic: cell.shared_topic,
         connect_join_s: (connect_join_s * 1000.0).round() / 1000.0,
         changes_per_s: best.map_or(0.0, |s| s.changes_per_s),
         changes_per_s_any_latency: any.map_or(0.0, |s| s.changes_per_s),
@@ -718,7 +733,8 @@ pub fn cell_json(cell: &Cell, o: &CellOutcome) -> anyhow::Result<Value> {
         ratios = json!({"changes_per_s": ratio(o.changes_per_s, r.changes_per_s)});
     }
     Ok(json!({
-        "step": {"subscribers": cell.subscribers, "rls": cell.rls, "filter": if cell.filter { "eq" } else { "none" }},
+        "step": {"subscribers": cell.subscribers, "rls": cell.rls, "filter": if cell.filter { "eq" } else { "none" },
+                 "topics": if cell.shared_topic { "shared" } else { "distinct" }},
         "results": results,
         "ratios": ratios,
     }))
