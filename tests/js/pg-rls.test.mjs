@@ -37,6 +37,14 @@ before(async () => {
       using (room_id in (select r.room from public.open_rooms r));
     grant select on public.posts, public.open_rooms to authenticated;
     alter publication supabase_realtime add table public.posts;
+    -- a subquery policy that reads auth.uid(): a token whose sub is not a UUID makes the check raise
+    create table public.readers (user_id uuid primary key);
+    create table public.bulletins (id int primary key, body text);
+    alter table public.bulletins enable row level security;
+    create policy "readers read" on public.bulletins for select to authenticated
+      using (exists (select 1 from public.readers r where r.user_id = auth.uid()));
+    grant select on public.bulletins, public.readers to authenticated;
+    alter publication supabase_realtime add table public.bulletins;
   `)
   gw = await startGateway({ env: { DATABASE_URL: db.url, SLOT_NAME: 'pgc_rls' } })
 })
@@ -199,6 +207,23 @@ test('DELETE on an RLS table reaches every subscriber, old holding only the prim
     { alice: deletes(alice), bob: deletes(bob), service_role: deletes(service) },
     { alice: [[{ id: 2 }, {}]], bob: [[{ id: 2 }, {}]], service_role: [[{ id: 2 }, {}]] },
   )
+})
+
+test('SQL check: a subscriber whose check raises an error sees nothing, the others in the same batch are unaffected', async () => {
+  const [reader, stranger] = [randomUUID(), randomUUID()]
+  await db.sql(`insert into public.readers values ($1)`, [reader])
+  const binding = [{ event: 'INSERT', schema: 'public', table: 'bulletins' }]
+  const good = await pgJoined((await appWithToken(userToken(reader))).supabase, room('bul-good'), binding)
+  const bad = await pgJoined((await appWithToken(userToken('not-a-uuid'))).supabase, room('bul-bad'), binding)
+  const other = await pgJoined((await appWithToken(userToken(stranger))).supabase, room('bul-other'), binding)
+  const service = await pgJoined(supabaseClient(gw, { key: gw.serviceKey }), room('bul-service'), binding)
+  for (let id = 1; id <= 5; id++) await db.sql(`insert into public.bulletins values ($1, 'b')`, [id])
+  await good.events[0].until((items) => items.length >= 5, 5000, 'the reader: all 5 bulletins')
+  await service.events[0].until((items) => items.length >= 5, 5000, 'service_role: all 5 bulletins')
+  await new Promise((r) => setTimeout(r, 300))
+  assert.deepEqual(good.events[0].items.map((e) => e.new.id), [1, 2, 3, 4, 5])
+  assert.deepEqual(bad.events[0].items, [], 'the token with a sub that is not a UUID sees nothing')
+  assert.deepEqual(other.events[0].items, [], 'a user who is not a reader sees nothing')
 })
 
 /** The gateway's counters of RLS decisions: in process (policies) and SQL checks. */

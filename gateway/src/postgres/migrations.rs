@@ -9,10 +9,16 @@ use tracing::info;
 pub(crate) const MESSAGES_PUBLICATION: &str = "supabase_realtime_messages_publication";
 
 /// Migrations in order: (version, SQL).
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "0001_realtime_schema",
-    include_str!("../../sql/0001_realtime_schema.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "0001_realtime_schema",
+        include_str!("../../sql/0001_realtime_schema.sql"),
+    ),
+    (
+        "0002_visibility",
+        include_str!("../../sql/0002_visibility.sql"),
+    ),
+];
 
 /// An arbitrary key for `pg_advisory_xact_lock`.
 const LOCK_KEY: i64 = 0x7265_616c_7469_6d65;

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use realtime_protocol::Vsn;
 use realtime_protocol::binary::PayloadEncoding;
 use realtime_wal_listener::{Change, OldTuple, Relation, Transaction, TupleValue};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tracing::{debug, warn};
 
@@ -186,6 +186,13 @@ type PendingCheck = (Arc<Viewer>, Arc<TableAccess>, Vec<usize>);
 
 /// (viewer address, table OID).
 type CheckKey = (usize, u32);
+
+/// One viewer's rows of one table for the SQL check: (key, viewer, indexes into the matched
+/// changes).
+type TableCheck = (CheckKey, Arc<Viewer>, Vec<usize>);
+
+/// The SQL check's answer for one viewer and table: (row index, visible).
+type CheckedRows = (CheckKey, Vec<(usize, bool)>);
 
 /// A WAL tuple as a row for the policy evaluator.
 struct WalRow<'a> {
@@ -360,33 +367,94 @@ pub(crate) async fn route(
             Err(e) => warn!(error = %e, "could not wait for committed transactions to be visible"),
         }
     }
-    stats.visibility_queries = residual.len() as u64;
+    // The SQL check: per table, the rows' keys once, and the viewers in a few chunks, each chunk
+    // one statement (`realtime.visible_key_indexes`), run side by side.
+    let mut by_table: FastMap<u32, (Arc<TableAccess>, Vec<TableCheck>)> = FastMap::default();
+    for (key, (viewer, access, rows)) in residual {
+        by_table
+            .entry(access.oid)
+            .or_insert_with(|| (access.clone(), Vec::new()))
+            .1
+            .push((key, viewer, rows));
+    }
+    let mut jobs = Vec::new();
+    for (_, (access, entries)) in by_table {
+        let mut keys: Vec<Vec<String>> = entries
+            .iter()
+            .flat_map(|(_, _, rows)| rows.iter().filter_map(|&i| pks[i].clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let keys = Arc::new(keys);
+        // Up to VISIBILITY_CONCURRENCY calls per table, none with fewer than MIN_CHUNK viewers.
+        let chunk = entries
+            .len()
+            .div_ceil(VISIBILITY_CONCURRENCY)
+            .max(MIN_CHUNK);
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let part: Vec<_> = entries.by_ref().take(chunk).collect();
+            jobs.push((access.clone(), keys.clone(), part));
+        }
+    }
+    stats.visibility_queries = jobs.len() as u64;
     let pks = &pks;
-    let checked: Vec<(CheckKey, Vec<usize>, HashSet<Vec<String>>)> =
-        futures_util::stream::iter(residual)
-            .map(|(key, (viewer, access, rows))| async move {
-                let mut keys: Vec<Vec<String>> =
-                    rows.iter().filter_map(|&i| pks[i].clone()).collect();
-                keys.sort();
-                keys.dedup();
-                let seen = match visibility::visible_keys(db, &viewer, &access, &keys).await {
-                    Ok(seen) => seen,
-                    Err(e) => {
-                        warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check failed: rows withheld");
-                        HashSet::new()
+    let checked: Vec<Vec<CheckedRows>> = futures_util::stream::iter(jobs)
+        .map(|(access, keys, part)| async move {
+            let viewers: Vec<Arc<Viewer>> = part.iter().map(|(_, v, _)| v.clone()).collect();
+            let results = match visibility::visible_for_many(db, &viewers, &access, &keys).await {
+                Ok(results) => results,
+                Err(e) => {
+                    // Without the function (migrations disabled) or on a failed call: one
+                    // check per viewer.
+                    debug!(table = %access.table, error = %e, "batched visibility check failed: checking per viewer");
+                    let mut results = Vec::with_capacity(viewers.len());
+                    for viewer in &viewers {
+                        results.push(match visibility::visible_keys(db, viewer, &access, &keys).await {
+                            Ok(seen) => Some(
+                                keys.iter()
+                                    .enumerate()
+                                    .filter(|(_, k)| seen.contains(*k))
+                                    .map(|(i, _)| i)
+                                    .collect(),
+                            ),
+                            Err(e) => {
+                                warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check failed: rows withheld");
+                                None
+                            }
+                        });
                     }
-                };
-                (key, rows, seen)
-            })
-            .buffer_unordered(VISIBILITY_CONCURRENCY)
-            .collect()
-            .await;
-    for (key, rows, seen) in checked {
+                    results
+                }
+            };
+            // Keys are sorted: a row's key index by binary search.
+            part.into_iter()
+                .zip(results)
+                .map(|((key, _, rows), seen)| {
+                    let seen = seen.unwrap_or_default();
+                    let rows = rows
+                        .into_iter()
+                        .map(|row| {
+                            let visible = pks[row]
+                                .as_ref()
+                                .and_then(|pk| keys.binary_search(pk).ok())
+                                .is_some_and(|i| seen.contains(&i));
+                            (row, visible)
+                        })
+                        .collect();
+                    (key, rows)
+                })
+                .collect()
+        })
+        .buffer_unordered(VISIBILITY_CONCURRENCY)
+        .collect()
+        .await;
+    for (key, rows) in checked.into_iter().flatten() {
         let flags = visible
             .entry(key)
             .or_insert_with(|| vec![false; matched.len()]);
-        for index in rows {
-            flags[index] = pks[index].as_ref().is_some_and(|pk| seen.contains(pk));
+        for (index, seen) in rows {
+            flags[index] = seen;
         }
     }
 
@@ -566,6 +634,9 @@ const VISIBILITY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Visibility queries run at once on the exclusive connections.
 const VISIBILITY_CONCURRENCY: usize = 8;
+
+/// Viewers checked in one call at least, when there are that many.
+const MIN_CHUNK: usize = 16;
 
 /// Interned viewers are compared by address.
 fn viewer_key(viewer: &Arc<Viewer>) -> usize {

@@ -198,6 +198,115 @@ pub(crate) async fn wait_visible(
     }
 }
 
+/// Distinguishes the SQL-level prepared statements of [`visible_for_many`].
+static STATEMENT_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Quotes a value as an escape string literal (`E'…'`), whatever `standard_conforming_strings`.
+fn quote_literal(value: &str) -> String {
+    format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// For each of `viewers`, the indexes of the `keys` (text values in primary-key column order) it
+/// can select from the table, in one round trip: a statement with the keys is prepared, and
+/// `realtime.visible_key_indexes` runs it once per viewer with that viewer's role and claims.
+/// `None` for a viewer whose check raised an error (it sees nothing). An `Err` means the whole
+/// call failed (e.g. the function is missing): the caller falls back to [`visible_keys`].
+pub(crate) async fn visible_for_many(
+    db: &super::Database,
+    viewers: &[Arc<Viewer>],
+    access: &TableAccess,
+    keys: &[Vec<String>],
+) -> Result<Vec<Option<HashSet<usize>>>, String> {
+    let pk: Vec<_> = access.columns.iter().filter(|c| c.is_pk).collect();
+    if pk.is_empty() || keys.is_empty() || viewers.is_empty() {
+        return Ok(vec![Some(HashSet::new()); viewers.len()]);
+    }
+    // select coalesce(array_agg(k.i::int), '{}') from "s"."t" t
+    //   join unnest(array[E'1', …]::text[]::<type>[], …) with ordinality as k(k0, …, i)
+    //   on t."a" = k.k0 and …
+    // The keys are cast as whole arrays, outside the scan: a cast in the join clause is not
+    // leakproof, so Postgres would have to apply the RLS policy to every row of the table
+    // before joining (a sequential scan per check) instead of looking the keys up.
+    let mut sql = format!(
+        "select coalesce(array_agg(k.i::int), '{{}}') from {}.{} t join unnest(",
+        quote_ident(&access.schema),
+        quote_ident(&access.table)
+    );
+    for i in 0..pk.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str("array[");
+        for (j, key) in keys.iter().enumerate() {
+            if j > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&quote_literal(&key[i]));
+        }
+        sql.push_str(&format!("]::text[]::{}[]", pk[i].sql_type));
+    }
+    sql.push_str(") with ordinality as k(");
+    for i in 0..pk.len() {
+        sql.push_str(&format!("k{i}, "));
+    }
+    sql.push_str("i) on ");
+    for (i, c) in pk.iter().enumerate() {
+        if i > 0 {
+            sql.push_str(" and ");
+        }
+        sql.push_str(&format!(
+            "t.{} = k.k{i}",
+            quote_ident(&c.name)
+        ));
+    }
+    let name = format!(
+        "realtime_visibility_{}",
+        STATEMENT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let roles: Vec<&str> = viewers.iter().map(|v| v.role.as_str()).collect();
+    let claims: Vec<&str> = viewers.iter().map(|v| v.claims.as_str()).collect();
+    let subs: Vec<&str> = viewers
+        .iter()
+        .map(|v| v.sub.as_deref().unwrap_or_default())
+        .collect();
+
+    let db_error = |e: tokio_postgres::Error| super::subscription::db_error_text(&e);
+    let mut client = db.exclusive().await?;
+    let call = client
+        .prepared("select caller, visible from realtime.visible_key_indexes($1, $2, $3, $4)")
+        .await
+        .map_err(db_error)?;
+    let client = &*client;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&name, &roles, &claims, &subs];
+    let prepare = format!("begin; prepare {} as {sql}", quote_ident(&name));
+    let cleanup = format!("rollback; deallocate {}", quote_ident(&name));
+    // Pipelined: one round trip. The statement is dropped even when a step fails (a failed
+    // `prepare` leaves nothing to drop, and that error is ignored).
+    let (prepared, rows, _cleanup) = tokio::join!(
+        client.batch_execute(&prepare),
+        client.query(&call, &params),
+        client.batch_execute(&cleanup),
+    );
+    prepared.map_err(db_error)?;
+    let rows = rows.map_err(db_error)?;
+    let mut out: Vec<Option<HashSet<usize>>> = vec![None; viewers.len()];
+    for row in rows {
+        let caller: i32 = row.get(0);
+        let visible: Option<Vec<i32>> = row.get(1);
+        if let Some(slot) = usize::try_from(caller - 1)
+            .ok()
+            .and_then(|i| out.get_mut(i))
+        {
+            *slot = visible.map(|v| {
+                v.into_iter()
+                    .filter_map(|i| usize::try_from(i - 1).ok())
+                    .collect()
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// The primary keys among `keys` (text values in primary-key column order) that `viewer` can
 /// select from the table.
 pub(crate) async fn visible_keys(
@@ -211,7 +320,8 @@ pub(crate) async fn visible_keys(
         return Ok(HashSet::new());
     }
     // select t."a"::text, t."b"::text from "s"."t" t
-    //   join unnest($1::text[], $2::text[]) as k(k0, k1) on t."a" = k.k0::<type> and …
+    //   join unnest($1::text[]::<type>[], $2::text[]::<type>[]) as k(k0, k1) on t."a" = k.k0 and …
+    // (the casts outside the scan, as in `visible_for_many`).
     let mut sql = String::from("select ");
     for (i, c) in pk.iter().enumerate() {
         if i > 0 {
@@ -224,11 +334,11 @@ pub(crate) async fn visible_keys(
         quote_ident(&access.schema),
         quote_ident(&access.table)
     ));
-    for i in 0..pk.len() {
+    for (i, c) in pk.iter().enumerate() {
         if i > 0 {
             sql.push_str(", ");
         }
-        sql.push_str(&format!("${}::text[]", i + 1));
+        sql.push_str(&format!("${}::text[]::{}[]", i + 1, c.sql_type));
     }
     sql.push_str(") as k(");
     for i in 0..pk.len() {
@@ -243,9 +353,8 @@ pub(crate) async fn visible_keys(
             sql.push_str(" and ");
         }
         sql.push_str(&format!(
-            "t.{} = k.k{i}::{}",
-            quote_ident(&c.name),
-            c.sql_type
+            "t.{} = k.k{i}",
+            quote_ident(&c.name)
         ));
     }
     let columns: Vec<Vec<&str>> = (0..pk.len())
