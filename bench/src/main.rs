@@ -170,7 +170,8 @@ enum Command {
     PgChanges {
         #[arg(long, value_delimiter = ',', default_value = "100,500,2000")]
         subscribers: Vec<usize>,
-        /// RLS settings to run: off, on.
+        /// RLS settings to run: off, on (`auth.uid() is not null`, decided in process), member
+        /// (a membership-table subquery, checked in SQL).
         #[arg(long, value_delimiter = ',', default_value = "off,on")]
         rls: Vec<String>,
         /// Filters to run: none, eq.
@@ -538,7 +539,9 @@ async fn database_command(
                     {
                         let cell = database::Cell {
                             subscribers: n,
-                            rls: parse_switch(r, "on", "off")?,
+                            rls: r != "off",
+                            member_policy: parse_switch(r, "member", "on")
+                                .or_else(|e| if r == "off" { Ok(false) } else { Err(e) })?,
                             filter: parse_switch(f, "eq", "none")?,
                             shared_topic: parse_switch(t, "shared", "distinct")?,
                         };

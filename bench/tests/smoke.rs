@@ -133,6 +133,7 @@ async fn the_database_scenarios_run_against_the_gateway() {
         let cell = database::Cell {
             subscribers: 3,
             rls: true,
+            member_policy: shared_topic,
             filter: true,
             shared_topic,
         };

@@ -471,7 +471,8 @@ pub async fn db_broadcast(
 // Scenario 6: the Postgres Changes grid.
 
 /// Tables of scenario 6: `pgc` without RLS, `pgc_rls` with RLS (any signed-in user reads every
-/// row); both in `supabase_realtime`.
+/// row: a policy the gateway decides in process), `pgc_member` with RLS through a membership
+/// table (a subquery: checked in SQL); all in `supabase_realtime`.
 pub const PG_CHANGES_SQL: &str = "
 create table public.pgc (id bigserial primary key, room int not null, t int8 not null, body text not null default 'x');
 create table public.pgc_rls (like public.pgc including all);
@@ -479,6 +480,13 @@ alter table public.pgc_rls enable row level security;
 create policy \"signed-in users read\" on public.pgc_rls for select to authenticated using (auth.uid() is not null);
 grant select on public.pgc, public.pgc_rls to anon, authenticated;
 alter publication supabase_realtime add table public.pgc, public.pgc_rls;
+create table public.pgc_members (room int not null, user_id uuid not null, primary key (room, user_id));
+create table public.pgc_member (like public.pgc including all);
+alter table public.pgc_member enable row level security;
+create policy \"room members read\" on public.pgc_member for select to authenticated
+  using (exists (select 1 from public.pgc_members m where m.room = pgc_member.room and m.user_id = auth.uid()));
+grant select on public.pgc_member, public.pgc_members to authenticated;
+alter publication supabase_realtime add table public.pgc_member;
 ";
 
 /// One cell of the grid.
@@ -486,6 +494,8 @@ alter publication supabase_realtime add table public.pgc, public.pgc_rls;
 pub struct Cell {
     pub subscribers: usize,
     pub rls: bool,
+    /// With `rls`: the membership policy (`pgc_member`) instead of `auth.uid() is not null`.
+    pub member_policy: bool,
     pub filter: bool,
     /// Every subscriber joins the same channel name (as the Supabase docs' examples do), so a
     /// change is one frame shared by all; otherwise each has its own (a frame per subscriber).
@@ -494,7 +504,11 @@ pub struct Cell {
 
 impl Cell {
     fn table(&self) -> &'static str {
-        if self.rls { "pgc_rls" } else { "pgc" }
+        match (self.rls, self.member_policy) {
+            (false, _) => "pgc",
+            (true, false) => "pgc_rls",
+            (true, true) => "pgc_member",
+        }
     }
 
     /// Every row goes to room 1, so `room=eq.1` matches every change: the filter's cost without
@@ -522,7 +536,11 @@ impl Cell {
         format!(
             "{} subscribers, rls {}, filter {}{}",
             self.subscribers,
-            if self.rls { "on" } else { "off" },
+            match (self.rls, self.member_policy) {
+                (false, _) => "off",
+                (true, false) => "on",
+                (true, true) => "member",
+            },
             if self.filter { "eq" } else { "none" },
             if self.shared_topic {
                 ", one shared topic"
@@ -539,6 +557,7 @@ pub struct CellOutcome {
     pub server: String,
     pub subscribers: usize,
     pub rls: bool,
+    pub member_policy: bool,
     pub filter: bool,
     pub shared_topic: bool,
     pub connect_join_s: f64,
@@ -605,15 +624,29 @@ pub async fn pg_changes_cell(
 ) -> anyhow::Result<CellOutcome> {
     let bindings = cell.bindings();
     let anon = target.endpoint.token.clone();
-    let tokens: Vec<String> = (0..cell.subscribers)
-        .map(|_| {
+    let users: Vec<uuid::Uuid> = (0..cell.subscribers)
+        .map(|_| uuid::Uuid::new_v4())
+        .collect();
+    let tokens: Vec<String> = users
+        .iter()
+        .map(|user| {
             if cell.rls {
-                pg::user_token(secret, &uuid::Uuid::new_v4())
+                pg::user_token(secret, user)
             } else {
                 anon.clone()
             }
         })
         .collect();
+    if cell.rls && cell.member_policy {
+        // Every user is a member of room 1, where every row goes: deliveries stay N per change.
+        db.client()
+            .await?
+            .execute(
+                "insert into public.pgc_members (room, user_id) select 1, unnest($1::uuid[])",
+                &[&users],
+            )
+            .await?;
+    }
     let since = now_us();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let (clients, connect_join_s) = connect_all(&target.endpoint, cell.subscribers, |i, mut c| {
@@ -708,6 +741,7 @@ pub async fn pg_changes_cell(
         server: target.name.clone(),
         subscribers: cell.subscribers,
         rls: cell.rls,
+        member_policy: cell.member_policy,
         filter: cell.filter,
         shared_topic: cell.shared_topic,
         connect_join_s: (connect_join_s * 1000.0).round() / 1000.0,
@@ -733,7 +767,7 @@ pub fn cell_json(cell: &Cell, o: &CellOutcome) -> anyhow::Result<Value> {
         ratios = json!({"changes_per_s": ratio(o.changes_per_s, r.changes_per_s)});
     }
     Ok(json!({
-        "step": {"subscribers": cell.subscribers, "rls": cell.rls, "filter": if cell.filter { "eq" } else { "none" },
+        "step": {"subscribers": cell.subscribers, "rls": cell.rls, "member_policy": cell.member_policy, "filter": if cell.filter { "eq" } else { "none" },
                  "topics": if cell.shared_topic { "shared" } else { "distinct" }},
         "results": results,
         "ratios": ratios,
