@@ -254,10 +254,7 @@ pub(crate) async fn visible_for_many(
         if i > 0 {
             sql.push_str(" and ");
         }
-        sql.push_str(&format!(
-            "t.{} = k.k{i}",
-            quote_ident(&c.name)
-        ));
+        sql.push_str(&format!("t.{} = k.k{i}", quote_ident(&c.name)));
     }
     let name = format!(
         "realtime_visibility_{}",
@@ -352,10 +349,7 @@ pub(crate) async fn visible_keys(
         if i > 0 {
             sql.push_str(" and ");
         }
-        sql.push_str(&format!(
-            "t.{} = k.k{i}",
-            quote_ident(&c.name)
-        ));
+        sql.push_str(&format!("t.{} = k.k{i}", quote_ident(&c.name)));
     }
     let columns: Vec<Vec<&str>> = (0..pk.len())
         .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
