@@ -8,8 +8,8 @@
 //! - Read: as the gateway's own (privileged) role, insert one probe row per extension to check
 //!   (`broadcast`, and `presence` when presence is on); switch to the JWT's role; select the probes.
 //!   A probe the role can see grants read for its extension.
-//! - Write: as the JWT's role, insert a probe row for the extension inside a savepoint; success
-//!   grants write, SQLSTATE 42501 (RLS violation) denies it, any other error is an error.
+//! - Write: as the JWT's role, insert a probe row for the extension; success grants write,
+//!   SQLSTATE 42501 (RLS violation) denies it, any other error is an error.
 
 use crate::postgres::Database;
 use crate::postgres::subscription::db_error_text;
@@ -28,6 +28,21 @@ pub(crate) struct Context<'a> {
     /// `request.headers` as JSON text.
     pub(crate) headers: &'a str,
 }
+
+impl Context<'_> {
+    /// The parameters of [`SET_CONTEXT`].
+    fn params(&self) -> [Param<'_>; 5] {
+        [
+            &self.role,
+            &self.topic,
+            &self.claims,
+            &self.sub,
+            &self.headers,
+        ]
+    }
+}
+
+type Param<'a> = &'a (dyn tokio_postgres::types::ToSql + Sync);
 
 /// Why a check could not decide.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -65,96 +80,86 @@ const SET_CONTEXT: &str = "select set_config('role', $1, true), \
      set_config('request.jwt.claim.role', $1, true), \
      set_config('request.headers', $5, true)";
 
+/// A probe row (as the gateway's role for read, as the JWT's role for write).
+const INSERT_PROBE: &str = "insert into realtime.messages (id, topic, extension, inserted_at, updated_at) \
+     values ($1, $2, $3, now() at time zone 'utc', now() at time zone 'utc')";
+
+const SELECT_PROBES: &str = "select id from realtime.messages where id = any($1)";
+
 /// Read permissions: `(broadcast, presence)`; presence is only checked when asked.
+///
+/// The statements are prepared once per connection and pipelined: a check is one round trip.
+/// The rollback runs whatever happened before it (an aborted transaction accepts it).
 pub(crate) async fn read(
     db: &Database,
     ctx: &Context<'_>,
     check_presence: bool,
 ) -> Result<(bool, Option<bool>), AuthzError> {
     let mut client = db.exclusive().await.map_err(AuthzError::Unavailable)?;
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| AuthzError::Unavailable(db_error_text(&e)))?;
+    let unavailable = |e: tokio_postgres::Error| AuthzError::Unavailable(db_error_text(&e));
+    let insert = client.prepared(INSERT_PROBE).await.map_err(unavailable)?;
+    let set = client.prepared(SET_CONTEXT).await.map_err(unavailable)?;
+    let select = client.prepared(SELECT_PROBES).await.map_err(unavailable)?;
+    let client = &*client;
     let broadcast_id = Uuid::new_v4();
     let presence_id = Uuid::new_v4();
+    let ids = vec![broadcast_id, presence_id];
+    let broadcast_params: [Param<'_>; 3] = [&broadcast_id, &ctx.topic, &"broadcast"];
+    let presence_params: [Param<'_>; 3] = [&presence_id, &ctx.topic, &"presence"];
+    let context = ctx.params();
+    let select_params: [Param<'_>; 1] = [&ids];
+    let (begin, broadcast_probe, presence_probe, set, rows, _rollback) = tokio::join!(
+        client.batch_execute("begin"),
+        client.execute(&insert, &broadcast_params),
+        async {
+            if check_presence {
+                client.execute(&insert, &presence_params).await.map(Some)
+            } else {
+                Ok(None)
+            }
+        },
+        client.execute(&set, &context),
+        client.query(&select, &select_params),
+        client.batch_execute("rollback"),
+    );
+    begin.map_err(unavailable)?;
     let policy = |e: tokio_postgres::Error| AuthzError::Policy(db_error_text(&e));
-    let result = async {
-        tx.execute(
-            "insert into realtime.messages (id, topic, extension, inserted_at, updated_at) \
-             values ($1, $2, 'broadcast', now() at time zone 'utc', now() at time zone 'utc')",
-            &[&broadcast_id, &ctx.topic],
-        )
-        .await
-        .map_err(policy)?;
-        if check_presence {
-            tx.execute(
-                "insert into realtime.messages (id, topic, extension, inserted_at, updated_at) \
-                 values ($1, $2, 'presence', now() at time zone 'utc', now() at time zone 'utc')",
-                &[&presence_id, &ctx.topic],
-            )
-            .await
-            .map_err(policy)?;
-        }
-        tx.execute(
-            SET_CONTEXT,
-            &[&ctx.role, &ctx.topic, &ctx.claims, &ctx.sub, &ctx.headers],
-        )
-        .await
-        .map_err(policy)?;
-        let rows = tx
-            .query(
-                "select id from realtime.messages where id = any($1)",
-                &[&vec![broadcast_id, presence_id]],
-            )
-            .await
-            .map_err(policy)?;
-        let seen: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
-        Ok((
-            seen.contains(&broadcast_id),
-            check_presence.then(|| seen.contains(&presence_id)),
-        ))
-    }
-    .await;
-    let _ = tx.rollback().await;
-    result
+    broadcast_probe.map_err(policy)?;
+    presence_probe.map_err(policy)?;
+    set.map_err(policy)?;
+    let seen: Vec<Uuid> = rows.map_err(policy)?.iter().map(|r| r.get(0)).collect();
+    Ok((
+        seen.contains(&broadcast_id),
+        check_presence.then(|| seen.contains(&presence_id)),
+    ))
 }
 
-/// Write permission for one extension (`broadcast` or `presence`).
+/// Write permission for one extension (`broadcast` or `presence`), in one round trip as
+/// [`read`].
 pub(crate) async fn write(
     db: &Database,
     ctx: &Context<'_>,
     extension: &str,
 ) -> Result<bool, AuthzError> {
     let mut client = db.exclusive().await.map_err(AuthzError::Unavailable)?;
-    let tx = client
-        .transaction()
-        .await
-        .map_err(|e| AuthzError::Unavailable(db_error_text(&e)))?;
-    let result = async {
-        tx.execute(
-            SET_CONTEXT,
-            &[&ctx.role, &ctx.topic, &ctx.claims, &ctx.sub, &ctx.headers],
-        )
-        .await
-        .map_err(|e| AuthzError::Policy(db_error_text(&e)))?;
-        tx.batch_execute("savepoint probe")
-            .await
-            .map_err(|e| AuthzError::Policy(db_error_text(&e)))?;
-        match tx
-            .execute(
-                "insert into realtime.messages (topic, extension, inserted_at, updated_at) \
-                 values ($1, $2, now() at time zone 'utc', now() at time zone 'utc')",
-                &[&ctx.topic, &extension],
-            )
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Ok(false),
-            Err(e) => Err(AuthzError::Policy(db_error_text(&e))),
-        }
+    let unavailable = |e: tokio_postgres::Error| AuthzError::Unavailable(db_error_text(&e));
+    let set = client.prepared(SET_CONTEXT).await.map_err(unavailable)?;
+    let insert = client.prepared(INSERT_PROBE).await.map_err(unavailable)?;
+    let client = &*client;
+    let id = Uuid::new_v4();
+    let context = ctx.params();
+    let probe_params: [Param<'_>; 3] = [&id, &ctx.topic, &extension];
+    let (begin, set, probe, _rollback) = tokio::join!(
+        client.batch_execute("begin"),
+        client.execute(&set, &context),
+        client.execute(&insert, &probe_params),
+        client.batch_execute("rollback"),
+    );
+    begin.map_err(unavailable)?;
+    set.map_err(|e| AuthzError::Policy(db_error_text(&e)))?;
+    match probe {
+        Ok(_) => Ok(true),
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Ok(false),
+        Err(e) => Err(AuthzError::Policy(db_error_text(&e))),
     }
-    .await;
-    let _ = tx.rollback().await;
-    result
 }
