@@ -311,3 +311,20 @@ async function everyRowArrives(table) {
   }
   await Promise.all(writers.map((w) => w.end?.()))
 }
+
+// Last in this file: it drops the batched check's function.
+test('SQL check without realtime.visible_key_indexes (migrations left out): one check per viewer, same answer', async () => {
+  await db.sql(`drop function realtime.visible_key_indexes(text, text[], text[], text[])`)
+  const [reader, stranger] = [randomUUID(), randomUUID()]
+  await db.sql(`insert into public.readers values ($1)`, [reader])
+  const binding = [{ event: 'INSERT', schema: 'public', table: 'bulletins' }]
+  const good = await pgJoined((await appWithToken(userToken(reader))).supabase, room('fb-good'), binding)
+  const other = await pgJoined((await appWithToken(userToken(stranger))).supabase, room('fb-other'), binding)
+  const before = await rlsCounters()
+  for (let id = 101; id <= 103; id++) await db.sql(`insert into public.bulletins values ($1, 'b')`, [id])
+  await good.events[0].until((items) => items.length >= 3, 5000, 'the reader: all 3 bulletins')
+  await new Promise((r) => setTimeout(r, 300))
+  assert.deepEqual(good.events[0].items.map((e) => e.new.id), [101, 102, 103])
+  assert.deepEqual(other.events[0].items, [], 'a user who is not a reader sees nothing')
+  assert.ok((await rlsCounters()).sql > before.sql, 'SQL checks ran')
+})

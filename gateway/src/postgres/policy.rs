@@ -29,7 +29,6 @@ enum Value {
     Text(String),
     Uuid(u128),
     Int(i64),
-    Json(serde_json::Value),
     Opaque,
 }
 
@@ -118,22 +117,23 @@ impl AuthFunctions {
 /// The caller, as the helper functions see it: the settings the SQL check makes
 /// (`request.jwt.claims`, `request.jwt.claim.sub`, `request.jwt.claim.role`).
 #[derive(Debug)]
-pub struct Caller {
+pub struct Caller<'a> {
     uid: Eval<Value>,
     role: Eval<Value>,
-    jwt: Eval<Value>,
+    /// What `auth.jwt()` returns: the claims object, borrowed.
+    jwt: Eval<&'a serde_json::Value>,
 }
 
-impl Caller {
-    /// `claims` is the JSON set as `request.jwt.claims`; `sub` what is set as
+impl<'a> Caller<'a> {
+    /// `claims` is the JSON object set as `request.jwt.claims`; `sub` what is set as
     /// `request.jwt.claim.sub` (the claim when it is a string, else empty); `role` what is set as
     /// `request.jwt.claim.role`.
     pub fn new(
         functions: &AuthFunctions,
         role: &str,
-        claims: &serde_json::Map<String, serde_json::Value>,
+        claims: &'a serde_json::Value,
         sub: Option<&str>,
-    ) -> Caller {
+    ) -> Caller<'a> {
         let from_setting = |setting: Option<&str>, key: &str, form: Option<UidForm>| {
             let setting = setting.filter(|s| !s.is_empty());
             match (form, setting) {
@@ -147,8 +147,8 @@ impl Caller {
         };
         let uid = from_setting(sub, "sub", functions.uid).and_then(|v| cast(v, "uuid"));
         let role = from_setting(Some(role), "role", functions.role);
-        let jwt = if functions.jwt {
-            Ok(Value::Json(serde_json::Value::Object(claims.clone())))
+        let jwt = if functions.jwt && claims.is_object() {
+            Ok(claims)
         } else {
             Err(Undecided)
         };
@@ -213,22 +213,21 @@ impl Expr {
             Expr::Column(name) => column(row.cell(name).ok_or(Undecided)?)?,
             Expr::Uid => caller.uid.clone()?,
             Expr::Role => caller.role.clone()?,
-            Expr::Jwt => caller.jwt.clone()?,
+            // The claims object: not NULL, and not comparable here.
+            Expr::Jwt => caller.jwt.map(|_| Value::Opaque)?,
             Expr::Cast(inner, ty) => match &**inner {
                 Expr::Const(Literal::Unknown(text)) => cast(Value::Text(text.clone()), ty)?,
                 inner => cast(inner.eval(row, caller)?, ty)?,
             },
-            Expr::JsonGet(inner, key, as_text) => match inner.eval(row, caller)? {
-                Value::Null => Value::Null,
-                Value::Json(serde_json::Value::Object(map)) => match map.get(key) {
+            Expr::JsonGet(inner, key, as_text) => {
+                match inner.json(caller)?.and_then(|v| v.get(key)) {
+                    // A missing key, or a text key on a scalar or an array: NULL.
                     None => Value::Null,
                     Some(v) if *as_text => json_text(v)?,
-                    Some(v) => Value::Json(v.clone()),
-                },
-                // `->` on a scalar or an array with a text key is NULL.
-                Value::Json(_) => Value::Null,
-                _ => return Err(Undecided),
-            },
+                    // A JSON value (even JSON null): not NULL, and not comparable here.
+                    Some(_) => Value::Opaque,
+                }
+            }
             Expr::Eq(a, b) => equal(&a.eval(row, caller)?, &b.eval(row, caller)?)?,
             Expr::NotEq(a, b) => not(equal(&a.eval(row, caller)?, &b.eval(row, caller)?)?)?,
             Expr::EqAny(a, items) => {
@@ -283,6 +282,18 @@ impl Expr {
                 result
             }
         })
+    }
+}
+
+impl Expr {
+    /// The JSON value of `auth.jwt()` and `->` chains on it, borrowed from the caller; `None` is
+    /// SQL NULL. JSON from anywhere else is not modelled.
+    fn json<'c>(&self, caller: &Caller<'c>) -> Eval<Option<&'c serde_json::Value>> {
+        match self {
+            Expr::Jwt => caller.jwt.map(Some),
+            Expr::JsonGet(inner, key, false) => Ok(inner.json(caller)?.and_then(|v| v.get(key))),
+            _ => Err(Undecided),
+        }
     }
 }
 
@@ -651,10 +662,6 @@ impl Parser {
         }
     }
 
-    fn is_keyword_at(&self, n: usize, k: &str) -> bool {
-        matches!(self.peek_at(n), Some(Token::Ident(x)) if x.eq_ignore_ascii_case(k))
-    }
-
     fn or(&mut self) -> Result<Expr, NotModelled> {
         let mut items = vec![self.and()?];
         while self.keyword("OR") {
@@ -833,9 +840,7 @@ impl Parser {
                         return Ok(Expr::Const(lit));
                     }
                 }
-                if RESERVED.iter().any(|k| word.eq_ignore_ascii_case(k))
-                    || self.is_keyword_at(0, "SELECT")
-                {
+                if RESERVED.iter().any(|k| word.eq_ignore_ascii_case(k)) {
                     return self.fail("keyword");
                 }
                 self.pos += 1;
@@ -898,7 +903,7 @@ mod tests {
         }
     }
 
-    fn caller(sub: Option<&str>, extra: serde_json::Value) -> Caller {
+    fn caller(sub: Option<&str>, extra: serde_json::Value) -> Caller<'static> {
         let mut claims = serde_json::Map::new();
         if let Some(sub) = sub {
             claims.insert("sub".into(), sub.into());
@@ -906,7 +911,10 @@ mod tests {
         if let serde_json::Value::Object(m) = extra {
             claims.extend(m);
         }
-        Caller::new(&functions(), "authenticated", &claims, sub)
+        // Leaked: a few small maps per test run.
+        let claims: &'static serde_json::Value =
+            Box::leak(Box::new(serde_json::Value::Object(claims)));
+        Caller::new(&functions(), "authenticated", claims, sub)
     }
 
     fn row(cells: &[(&'static str, Option<&'static str>, &'static str)]) -> TestRow {

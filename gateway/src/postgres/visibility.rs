@@ -6,7 +6,7 @@
 //! commit), as the reference server does. The transaction is rolled back.
 
 use super::policy::{AuthFunctions, Caller, TablePolicies};
-use super::subscription::TableAccess;
+use super::subscription::{ColumnAccess, TableAccess};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -17,8 +17,8 @@ pub(crate) struct Viewer {
     /// `request.jwt.claims` as JSON text.
     pub(crate) claims: String,
     pub(crate) sub: Option<String>,
-    /// The claims, for policies evaluated in process.
-    pub(crate) claims_map: serde_json::Map<String, serde_json::Value>,
+    /// The claims object, for policies evaluated in process.
+    pub(crate) claims_json: serde_json::Value,
     pub(crate) bypass_rls: bool,
     /// Identity of the (role, claims) group: equal claims share one visibility query.
     pub(crate) group: Arc<str>,
@@ -30,7 +30,8 @@ impl Viewer {
         claims: &serde_json::Map<String, serde_json::Value>,
         bypass_rls: bool,
     ) -> Viewer {
-        let claims_text = serde_json::Value::Object(claims.clone()).to_string();
+        let claims_json = serde_json::Value::Object(claims.clone());
+        let claims_text = claims_json.to_string();
         let sub = claims
             .get("sub")
             .and_then(|v| v.as_str())
@@ -40,7 +41,7 @@ impl Viewer {
             role,
             claims: claims_text,
             sub,
-            claims_map: claims.clone(),
+            claims_json,
             bypass_rls,
             group,
         }
@@ -49,8 +50,13 @@ impl Viewer {
 
 impl Viewer {
     /// The caller as the `auth` helper functions see it in an RLS check (see [`SET_CLAIMS`]).
-    pub(crate) fn caller(&self, functions: &AuthFunctions) -> Caller {
-        Caller::new(functions, &self.role, &self.claims_map, self.sub.as_deref())
+    pub(crate) fn caller(&self, functions: &AuthFunctions) -> Caller<'_> {
+        Caller::new(
+            functions,
+            &self.role,
+            &self.claims_json,
+            self.sub.as_deref(),
+        )
     }
 }
 
@@ -198,6 +204,29 @@ pub(crate) async fn wait_visible(
     }
 }
 
+/// `from "s"."t" t join unnest(<arrays>) with ordinality as k(k0, …, i) on t."a" = k.k0 and …`,
+/// with one array per primary-key column, already cast to the column's type.
+///
+/// The keys are cast as whole arrays, outside the scan: a cast in the join clause is not
+/// leakproof, so Postgres would have to apply the RLS policy to every row of the table before
+/// joining (a sequential scan per check) instead of looking the keys up.
+fn key_join(access: &TableAccess, pk: &[&ColumnAccess], arrays: &[String]) -> String {
+    let names: Vec<String> = (0..pk.len()).map(|i| format!("k{i}")).collect();
+    let on: Vec<String> = pk
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("t.{} = k.k{i}", quote_ident(&c.name)))
+        .collect();
+    format!(
+        "from {}.{} t join unnest({}) with ordinality as k({}, i) on {}",
+        quote_ident(&access.schema),
+        quote_ident(&access.table),
+        arrays.join(", "),
+        names.join(", "),
+        on.join(" and ")
+    )
+}
+
 /// Distinguishes the SQL-level prepared statements of [`visible_for_many`].
 static STATEMENT_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -221,41 +250,18 @@ pub(crate) async fn visible_for_many(
     if pk.is_empty() || keys.is_empty() || viewers.is_empty() {
         return Ok(vec![Some(HashSet::new()); viewers.len()]);
     }
-    // select coalesce(array_agg(k.i::int), '{}') from "s"."t" t
-    //   join unnest(array[E'1', …]::text[]::<type>[], …) with ordinality as k(k0, …, i)
-    //   on t."a" = k.k0 and …
-    // The keys are cast as whole arrays, outside the scan: a cast in the join clause is not
-    // leakproof, so Postgres would have to apply the RLS policy to every row of the table
-    // before joining (a sequential scan per check) instead of looking the keys up.
-    let mut sql = format!(
-        "select coalesce(array_agg(k.i::int), '{{}}') from {}.{} t join unnest(",
-        quote_ident(&access.schema),
-        quote_ident(&access.table)
+    let arrays: Vec<String> = pk
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let literals: Vec<String> = keys.iter().map(|key| quote_literal(&key[i])).collect();
+            format!("array[{}]::text[]::{}[]", literals.join(","), c.sql_type)
+        })
+        .collect();
+    let sql = format!(
+        "select coalesce(array_agg(k.i::int), '{{}}') {}",
+        key_join(access, &pk, &arrays)
     );
-    for i in 0..pk.len() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str("array[");
-        for (j, key) in keys.iter().enumerate() {
-            if j > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&quote_literal(&key[i]));
-        }
-        sql.push_str(&format!("]::text[]::{}[]", pk[i].sql_type));
-    }
-    sql.push_str(") with ordinality as k(");
-    for i in 0..pk.len() {
-        sql.push_str(&format!("k{i}, "));
-    }
-    sql.push_str("i) on ");
-    for (i, c) in pk.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(" and ");
-        }
-        sql.push_str(&format!("t.{} = k.k{i}", quote_ident(&c.name)));
-    }
     let name = format!(
         "realtime_visibility_{}",
         STATEMENT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -316,41 +322,20 @@ pub(crate) async fn visible_keys(
     if pk.is_empty() || keys.is_empty() {
         return Ok(HashSet::new());
     }
-    // select t."a"::text, t."b"::text from "s"."t" t
-    //   join unnest($1::text[]::<type>[], $2::text[]::<type>[]) as k(k0, k1) on t."a" = k.k0 and …
-    // (the casts outside the scan, as in `visible_for_many`).
-    let mut sql = String::from("select ");
-    for (i, c) in pk.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("t.{}::text", quote_ident(&c.name)));
-    }
-    sql.push_str(&format!(
-        " from {}.{} t join unnest(",
-        quote_ident(&access.schema),
-        quote_ident(&access.table)
-    ));
-    for (i, c) in pk.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("${}::text[]::{}[]", i + 1, c.sql_type));
-    }
-    sql.push_str(") as k(");
-    for i in 0..pk.len() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(&format!("k{i}"));
-    }
-    sql.push_str(") on ");
-    for (i, c) in pk.iter().enumerate() {
-        if i > 0 {
-            sql.push_str(" and ");
-        }
-        sql.push_str(&format!("t.{} = k.k{i}", quote_ident(&c.name)));
-    }
+    let selected: Vec<String> = pk
+        .iter()
+        .map(|c| format!("t.{}::text", quote_ident(&c.name)))
+        .collect();
+    let arrays: Vec<String> = pk
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("${}::text[]::{}[]", i + 1, c.sql_type))
+        .collect();
+    let sql = format!(
+        "select {} {}",
+        selected.join(", "),
+        key_join(access, &pk, &arrays)
+    );
     let columns: Vec<Vec<&str>> = (0..pk.len())
         .map(|i| keys.iter().map(|k| k[i].as_str()).collect())
         .collect();
