@@ -536,59 +536,62 @@ async fn database_command(
                         .iter()
                         .flat_map(move |f| topics.iter().map(move |t| (r, f, t)))
                 }) {
-                    {
-                        let cell = database::Cell {
-                            subscribers: n,
-                            rls: r != "off",
-                            member_policy: parse_switch(r, "member", "on")
-                                .or_else(|e| if r == "off" { Ok(false) } else { Err(e) })?,
-                            filter: parse_switch(f, "eq", "none")?,
-                            shared_topic: parse_switch(t, "shared", "distinct")?,
-                        };
-                        // A fresh gateway (and slot) per cell: a cell that ended behind must
-                        // not slow the next one down with its backlog.
-                        // Its own slot; the previous one is dropped when its walsender has
-                        // gone (best effort: the cluster is thrown away anyway).
-                        drop(gw);
-                        let admin = db.client().await?;
-                        let _ = admin
-                            .execute(
-                                "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
+                    let (rls, member_policy) = match r.as_str() {
+                        "off" => (false, false),
+                        "on" => (true, false),
+                        "member" => (true, true),
+                        other => bail!("{other:?}: expected off, on or member"),
+                    };
+                    let cell = database::Cell {
+                        subscribers: n,
+                        rls,
+                        member_policy,
+                        filter: parse_switch(f, "eq", "none")?,
+                        shared_topic: parse_switch(t, "shared", "distinct")?,
+                    };
+                    // A fresh gateway (and slot) per cell: a cell that ended behind must
+                    // not slow the next one down with its backlog.
+                    // Its own slot; the previous one is dropped when its walsender has
+                    // gone (best effort: the cluster is thrown away anyway).
+                    drop(gw);
+                    let admin = db.client().await?;
+                    let _ = admin
+                        .execute(
+                            "select pg_drop_replication_slot(slot_name) from pg_replication_slots \
                                  where slot_name like 'bench_gateway%' and not active",
-                                &[],
-                            )
-                            .await;
-                        cells += 1;
-                        let slot = format!("bench_gateway_{cells}");
-                        gw = pg::spawn_gateway(&binary, &db, &slot, &env).await?;
-                        gw.endpoint.vsn = vsn;
-                        let o = database::pg_changes_cell(
-                            &gw,
-                            cluster,
-                            &db,
-                            secret,
-                            cell,
-                            rates,
-                            *seconds,
-                            !no_recvlogical,
+                            &[],
                         )
-                        .await?;
-                        eprintln!(
-                            "summary: pg-changes {}: {} changes/s sustained (p95 < 1 s), {} deliveries/s, p95 {:.0} ms; {} changes/s at any latency (p95 {:.0} ms); pg_recvlogical {} changes/s{}",
-                            cell.label(),
-                            o.changes_per_s,
-                            o.deliveries_per_s,
-                            o.latency.p95_ms,
-                            o.changes_per_s_any_latency,
-                            o.p95_ms_any_latency,
-                            o.recvlogical.as_ref().map_or(0.0, |r| r.changes_per_s),
-                            o.recvlogical
-                                .as_ref()
-                                .and_then(|r| ratio(o.changes_per_s, r.changes_per_s))
-                                .map_or(String::new(), |x| format!(" (ratio {x})")),
-                        );
-                        steps.push(database::cell_json(&cell, &o)?);
-                    }
+                        .await;
+                    cells += 1;
+                    let slot = format!("bench_gateway_{cells}");
+                    gw = pg::spawn_gateway(&binary, &db, &slot, &env).await?;
+                    gw.endpoint.vsn = vsn;
+                    let o = database::pg_changes_cell(
+                        &gw,
+                        cluster,
+                        &db,
+                        secret,
+                        cell,
+                        rates,
+                        *seconds,
+                        !no_recvlogical,
+                    )
+                    .await?;
+                    eprintln!(
+                        "summary: pg-changes {}: {} changes/s sustained (p95 < 1 s), {} deliveries/s, p95 {:.0} ms; {} changes/s at any latency (p95 {:.0} ms); pg_recvlogical {} changes/s{}",
+                        cell.label(),
+                        o.changes_per_s,
+                        o.deliveries_per_s,
+                        o.latency.p95_ms,
+                        o.changes_per_s_any_latency,
+                        o.p95_ms_any_latency,
+                        o.recvlogical.as_ref().map_or(0.0, |r| r.changes_per_s),
+                        o.recvlogical
+                            .as_ref()
+                            .and_then(|r| ratio(o.changes_per_s, r.changes_per_s))
+                            .map_or(String::new(), |x| format!(" (ratio {x})")),
+                    );
+                    steps.push(database::cell_json(&cell, &o)?);
                 }
             }
             Ok((
