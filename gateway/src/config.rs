@@ -214,23 +214,30 @@ impl Config {
         config
     }
 
-    /// Checks what clap cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks what clap cannot (the auth settings are checked when the verifier is built).
+    pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(secret) = &self.jwt_secret
             && secret.expose().is_empty()
         {
-            return Err("API_JWT_SECRET is set but empty".into());
+            return Err(ConfigError::Invalid(
+                "API_JWT_SECRET is set but empty".into(),
+            ));
         }
         if self.max_payload_size_in_kb == 0 {
-            return Err("MAX_PAYLOAD_SIZE_IN_KB must be at least 1".into());
+            return Err(ConfigError::Invalid(
+                "MAX_PAYLOAD_SIZE_IN_KB must be at least 1".into(),
+            ));
         }
         if self.outbox_max_frames == 0 || self.outbox_max_bytes == 0 {
-            return Err("OUTBOX_MAX_FRAMES and OUTBOX_MAX_BYTES must be at least 1".into());
+            return Err(ConfigError::Invalid(
+                "OUTBOX_MAX_FRAMES and OUTBOX_MAX_BYTES must be at least 1".into(),
+            ));
         }
         if self.websocket_idle_timeout_ms == 0 {
-            return Err("WEBSOCKET_IDLE_TIMEOUT_MS must be at least 1".into());
+            return Err(ConfigError::Invalid(
+                "WEBSOCKET_IDLE_TIMEOUT_MS must be at least 1".into(),
+            ));
         }
-        crate::auth::check_config(self)?;
         Ok(())
     }
 
@@ -254,5 +261,18 @@ impl Config {
 
     pub(crate) fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.websocket_idle_timeout_ms)
+    }
+}
+
+/// An invalid configuration; the message names the setting.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl From<String> for ConfigError {
+    fn from(message: String) -> ConfigError {
+        ConfigError::Invalid(message)
     }
 }

@@ -1,40 +1,43 @@
 //! A Supabase Realtime compatible gateway: Phoenix channels over WebSocket, byte-compatible with
 //! Supabase Realtime so that supabase-js / realtime-js clients connect unchanged.
 //!
-//! Modules, and what each owns:
-//! - [`config`]: the one configuration struct (flags and environment).
-//! - `http`: the listener; WebSocket upgrades (connect-time auth) and hand-off to `rest`.
-//! - `rest`: warp routes: REST broadcast, health, metrics.
-//! - `socket`: one task per connection: read, dispatch, drain the outbox, idle timeout.
-//! - `channel`: the channels of a socket and the handler of every client push.
-//! - `presence`: Phoenix.Presence state per topic and its diffs.
-//! - `registry`: topic → members, and the encode-once fan-out.
+//! Modules, in the order data flows through them:
+//! - `edge`: the listener; WebSocket upgrades (connect-time auth) and the REST routes.
+//! - `socket`: one task per connection: read, dispatch, poll database work, drain the outbox.
 //! - `outbox`: a socket's bounded queue of encoded frames and the slow-consumer rule.
+//! - `channel`: the channels of a socket, one file per feature (join, broadcast, presence,
+//!   Postgres Changes, private-channel access, token refresh) and the work queue that keeps
+//!   database waits off the socket's loop.
+//! - `topics`: who is joined where (the membership object), presence state, encode-once
+//!   fan-out, and the [`Bus`](topics::Bus) seam every client publish passes.
+//! - `changes`: Postgres Changes and database broadcasts: the change source seam, the
+//!   subscription index, filters, visibility (RLS) and payloads.
+//! - `db`: the gateway's own database client: connections, migrations, private-channel
+//!   checks, replay, retention.
 //! - `auth`: token verification: HS secret, JWKS (inline, file, URL with refresh), claim
 //!   validators, `sb_` API keys.
-//! - `metrics`: counters and the Prometheus text.
+//! - [`config`], `metrics`, `state` (the handle every task shares).
 //!
 //! [`run`] is the whole gateway; `main.rs` only wires it to the process.
 
 pub mod auth;
-mod authorization;
+#[doc(hidden)]
+pub mod changes;
 mod channel;
 pub mod config;
-mod http;
+mod db;
+mod edge;
 mod metrics;
 mod outbox;
-#[doc(hidden)]
-pub mod postgres;
-mod presence;
-mod registry;
-mod replay;
-mod rest;
 mod socket;
 mod state;
+mod topics;
 
-pub use config::{Config, Secret};
+pub use changes::StartError;
+pub use config::{Config, ConfigError, Secret};
+pub use db::DbError;
+pub use db::migrations::MigrationError;
 
-use anyhow::Context;
 use state::Shared;
 use std::future::Future;
 use std::sync::Arc;
@@ -43,35 +46,54 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+/// Why the gateway could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is invalid: exit non-zero with the message.
+    #[error("{0}")]
+    Config(config::ConfigError),
+    /// The database could not be set up (connection, migrations).
+    #[error(transparent)]
+    Postgres(#[from] changes::StartError),
+    #[error("listener: {0}")]
+    Listener(std::io::Error),
+}
+
 /// Runs the gateway on `listener` until `shutdown` completes, then closes every socket (with a
 /// close frame) and returns once all tasks ended or the shutdown deadline passed.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
-    config.validate().map_err(anyhow::Error::msg)?;
-    let secret = config
-        .jwt_secret
-        .clone()
-        .context("a JWT secret is required (API_JWT_SECRET)")?;
+) -> Result<(), RunError> {
+    config.validate().map_err(RunError::Config)?;
+    let secret =
+        config
+            .jwt_secret
+            .clone()
+            .ok_or(RunError::Config(config::ConfigError::Invalid(
+                "a JWT secret is required (API_JWT_SECRET)".into(),
+            )))?;
     let deadline = std::time::Duration::from_millis(config.shutdown_timeout_ms);
-    let registry = Arc::new(registry::Registry::default());
+    let registry = Arc::new(topics::Registry::new(
+        Arc::new(topics::LocalBus),
+        topics::NodeId::random(),
+    ));
     let metrics = Arc::new(metrics::Metrics::default());
     let shutdown_token = CancellationToken::new();
     let tracker = TaskTracker::new();
-    let verifier = auth::Verifier::from_config(&config, &secret).map_err(anyhow::Error::msg)?;
+    let verifier = auth::Verifier::from_config(&config, &secret).map_err(RunError::Config)?;
     let postgres = match &config.database_url {
         None => None,
         Some(url) => {
-            let settings = postgres::Settings {
+            let settings = changes::Settings {
                 url: url.expose().to_owned(),
                 slot: config.slot_name.clone(),
                 publication: config.publication.clone(),
                 migrate: !config.disable_migrations,
                 max_record_bytes: config.max_record_bytes,
             };
-            let pg = postgres::start(
+            let pg = changes::start(
                 &settings,
                 registry.clone(),
                 metrics.clone(),
@@ -94,10 +116,10 @@ pub async fn run(
         shutdown: shutdown_token,
         tracker,
     });
-    info!(addr = %listener.local_addr()?, "listening");
+    info!(addr = %listener.local_addr().map_err(RunError::Listener)?, "listening");
     let accept = shared
         .tracker
-        .spawn(http::accept_loop(shared.clone(), listener));
+        .spawn(edge::accept::accept_loop(shared.clone(), listener));
     tokio::select! {
         () = shutdown => info!("shutting down"),
         _ = shared.shutdown.cancelled() => {}

@@ -48,7 +48,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
     println!("realtime-gateway listening on {local} (ws://{local}/realtime/v1/websocket)");
-    realtime_gateway::run(config, listener, shutdown_signal()).await
+    realtime_gateway::run(config, listener, shutdown_signal()).await?;
+    Ok(())
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -1,10 +1,10 @@
 //! The state every task shares, behind one cloneable handle.
 
 use crate::auth::Verifier;
+use crate::changes::PostgresChanges;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::postgres::PostgresChanges;
-use crate::registry::Registry;
+use crate::topics::Registry;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;

@@ -128,7 +128,7 @@ pub struct TestGateway {
     addr: SocketAddr,
     tokens: Tokens,
     shutdown: Option<oneshot::Sender<()>>,
-    run: Option<JoinHandle<anyhow::Result<()>>>,
+    run: Option<JoinHandle<Result<(), realtime_gateway::RunError>>>,
 }
 
 impl TestGateway {

@@ -3,7 +3,7 @@
 //! role with those claims (the SQL check). Undecided is always allowed (the SQL check then runs),
 //! but the modelled shapes must be decided.
 
-use realtime_gateway::postgres::policy::{AuthFunctions, Caller, Cell, Row, TablePolicies};
+use realtime_gateway::changes::policy::{AuthFunctions, Caller, Cell, Row, TablePolicies};
 use realtime_tests::postgres::cluster;
 use serde_json::{Value, json};
 use std::collections::HashMap;

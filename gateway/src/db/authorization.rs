@@ -11,8 +11,7 @@
 //! - Write: as the JWT's role, insert a probe row for the extension; success grants write,
 //!   SQLSTATE 42501 (RLS violation) denies it, any other error is an error.
 
-use crate::postgres::Database;
-use crate::postgres::subscription::db_error_text;
+use super::{Database, DbError};
 use tokio_postgres::error::SqlState;
 use uuid::Uuid;
 
@@ -95,8 +94,12 @@ pub(crate) async fn read(
     ctx: &Context<'_>,
     check_presence: bool,
 ) -> Result<(bool, Option<bool>), AuthzError> {
-    let mut client = db.exclusive().await.map_err(AuthzError::Unavailable)?;
-    let unavailable = |e: tokio_postgres::Error| AuthzError::Unavailable(db_error_text(&e));
+    let mut client = db
+        .exclusive()
+        .await
+        .map_err(|e| AuthzError::Unavailable(e.message()))?;
+    let unavailable =
+        |e: tokio_postgres::Error| AuthzError::Unavailable(DbError::from(e).message());
     let insert = client.prepared(INSERT_PROBE).await.map_err(unavailable)?;
     let set = client.prepared(SET_CONTEXT).await.map_err(unavailable)?;
     let select = client.prepared(SELECT_PROBES).await.map_err(unavailable)?;
@@ -123,7 +126,7 @@ pub(crate) async fn read(
         client.batch_execute("rollback"),
     );
     begin.map_err(unavailable)?;
-    let policy = |e: tokio_postgres::Error| AuthzError::Policy(db_error_text(&e));
+    let policy = |e: tokio_postgres::Error| AuthzError::Policy(DbError::from(e).message());
     broadcast_probe.map_err(policy)?;
     presence_probe.map_err(policy)?;
     set.map_err(policy)?;
@@ -141,8 +144,12 @@ pub(crate) async fn write(
     ctx: &Context<'_>,
     extension: &str,
 ) -> Result<bool, AuthzError> {
-    let mut client = db.exclusive().await.map_err(AuthzError::Unavailable)?;
-    let unavailable = |e: tokio_postgres::Error| AuthzError::Unavailable(db_error_text(&e));
+    let mut client = db
+        .exclusive()
+        .await
+        .map_err(|e| AuthzError::Unavailable(e.message()))?;
+    let unavailable =
+        |e: tokio_postgres::Error| AuthzError::Unavailable(DbError::from(e).message());
     let set = client.prepared(SET_CONTEXT).await.map_err(unavailable)?;
     let insert = client.prepared(INSERT_PROBE).await.map_err(unavailable)?;
     let client = &*client;
@@ -156,10 +163,10 @@ pub(crate) async fn write(
         client.batch_execute("rollback"),
     );
     begin.map_err(unavailable)?;
-    set.map_err(|e| AuthzError::Policy(db_error_text(&e)))?;
+    set.map_err(|e| AuthzError::Policy(DbError::from(e).message()))?;
     match probe {
         Ok(_) => Ok(true),
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => Ok(false),
-        Err(e) => Err(AuthzError::Policy(db_error_text(&e))),
+        Err(e) => Err(AuthzError::Policy(DbError::from(e).message())),
     }
 }

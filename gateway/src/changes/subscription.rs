@@ -4,6 +4,7 @@
 //! One catalog query per entry at join time; nothing is queried per change.
 
 use super::filter::{self, Condition, Kind};
+use crate::db::DbError;
 use serde_json::Value;
 use std::sync::Arc;
 use tokio_postgres::Client;
@@ -65,6 +66,18 @@ pub(crate) struct TableBinding {
     pub(crate) select: Option<Vec<String>>,
 }
 
+/// Why a channel's `postgres_changes` entries could not be subscribed; the texts are the
+/// reference's system messages.
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum SubscribeError {
+    /// The entries are invalid for this database and role: said once, not retried.
+    #[error("{0}")]
+    Invalid(String),
+    /// The database could not be reached: tried again later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
 /// Parses one `config.postgres_changes` entry; errors are the reference's system messages.
 pub(crate) fn parse_binding(entry: &Value, id: u32) -> Result<Binding, String> {
     let Some(map) = entry.as_object() else {
@@ -87,7 +100,7 @@ pub(crate) fn parse_binding(entry: &Value, id: u32) -> Result<Binding, String> {
     let conditions = match map.get("filter") {
         None => Vec::new(),
         Some(Value::String(f)) => {
-            filter::parse(f).map_err(|detail| format!("Error parsing `filter` params: {detail}"))?
+            filter::parse(f).map_err(|e| format!("Error parsing `filter` params: {e}"))?
         }
         Some(other) => {
             return Err(format!(
@@ -155,7 +168,7 @@ pub(crate) async fn resolve(
     publication: &str,
     role: &str,
     binding: &Binding,
-) -> Result<Vec<TableBinding>, String> {
+) -> Result<Vec<TableBinding>, SubscribeError> {
     let like = |s: &str| {
         if s == "*" {
             "%".to_owned()
@@ -170,12 +183,17 @@ pub(crate) async fn resolve(
             &[&publication, &like(&binding.schema), &table_pattern, &role],
         )
         .await
-        .map_err(|e| exception(binding, &db_error_text(&e)))?;
+        .map_err(|e| match DbError::from(e) {
+            e @ DbError::Unavailable(_) => {
+                SubscribeError::Unavailable(exception(binding, &e.message()))
+            }
+            e => SubscribeError::Invalid(exception(binding, &e.message())),
+        })?;
     if rows.is_empty() {
-        return Err(format!(
+        return Err(SubscribeError::Invalid(format!(
             "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the given connect parameters: {}",
             binding.printed
-        ));
+        )));
     }
     let mut tables: Vec<TableAccess> = Vec::new();
     let mut kinds: Vec<Vec<Kind>> = Vec::new();
@@ -223,13 +241,13 @@ pub(crate) async fn resolve(
                 .iter()
                 .position(|c| c.name == raw.column && c.selectable)
             else {
-                return Err(exception(
+                return Err(SubscribeError::Invalid(exception(
                     binding,
                     &format!("invalid column for filter {}", raw.column),
-                ));
+                )));
             };
             let condition = Condition::compile(raw, kinds[i].clone())
-                .map_err(|detail| exception(binding, &detail))?;
+                .map_err(|e| SubscribeError::Invalid(exception(binding, &e.to_string())))?;
             conditions.push(condition);
         }
         if let Some(select) = &binding.select
@@ -237,10 +255,10 @@ pub(crate) async fn resolve(
                 .iter()
                 .find(|s| !table.columns.iter().any(|c| &c.name == *s))
         {
-            return Err(exception(
+            return Err(SubscribeError::Invalid(exception(
                 binding,
                 &format!("invalid column for select {missing}"),
-            ));
+            )));
         }
         out.push(TableBinding {
             binding_id: binding.id,
@@ -260,21 +278,17 @@ fn exception(binding: &Binding, detail: &str) -> String {
     )
 }
 
-/// The message of a database error, without the driver's wrapping.
-pub(crate) fn db_error_text(e: &tokio_postgres::Error) -> String {
-    e.as_db_error()
-        .map_or_else(|| e.to_string(), |d| d.message().to_owned())
-}
-
 /// Whether a role bypasses RLS (superuser or BYPASSRLS), or `None` when it does not exist.
-pub(crate) async fn role_bypasses_rls(client: &Client, role: &str) -> Result<Option<bool>, String> {
+pub(crate) async fn role_bypasses_rls(
+    client: &Client,
+    role: &str,
+) -> Result<Option<bool>, DbError> {
     let row = client
         .query_opt(
             "select rolsuper or rolbypassrls from pg_roles where rolname = $1",
             &[&role],
         )
-        .await
-        .map_err(|e| db_error_text(&e))?;
+        .await?;
     Ok(row.map(|r| r.get(0)))
 }
 

@@ -7,6 +7,7 @@
 
 use super::policy::{AuthFunctions, Caller, TablePolicies};
 use super::subscription::{ColumnAccess, TableAccess};
+use crate::db::{Database, DbError};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -98,10 +99,10 @@ const AUTH_FUNCTIONS: &str = "select p.proname::text, p.prosrc, \
 /// Reads the policies for `pairs` of (role, table OID): one round trip per batch, so policy
 /// changes apply from the next batch, as they do for the SQL check.
 pub(crate) async fn row_policies(
-    db: &super::Database,
+    db: &Database,
     pairs: &[(String, u32)],
-) -> Result<RowPolicies, String> {
-    let db_error = |e: tokio_postgres::Error| super::subscription::db_error_text(&e);
+) -> Result<RowPolicies, DbError> {
+    let db_error = DbError::from;
     let mut client = db.exclusive().await?;
     let policies = client.prepared(POLICIES).await.map_err(db_error)?;
     let functions = client.prepared(AUTH_FUNCTIONS).await.map_err(db_error)?;
@@ -143,8 +144,8 @@ pub(crate) async fn row_policies(
     for row in tables {
         let role: String = row.get(0);
         let oid: u32 = row.get(1);
-        let list: Vec<(bool, Option<String>)> =
-            serde_json::from_str(row.get::<_, &str>(2)).map_err(|e| e.to_string())?;
+        let list: Vec<(bool, Option<String>)> = serde_json::from_str(row.get::<_, &str>(2))
+            .map_err(|e| DbError::Statement(format!("policy list: {e}")))?;
         if let Some(compiled) = TablePolicies::compile(&list) {
             out.tables.insert((role, oid), compiled);
         }
@@ -167,10 +168,10 @@ pub(crate) fn quote_ident(name: &str) -> String {
 /// moment after a change is streamed, a fresh snapshot may still see its transaction as running
 /// and an RLS check would miss the row. One query per batch, normally answered at once.
 pub(crate) async fn wait_visible(
-    db: &super::Database,
+    db: &Database,
     xids: &[u32],
     timeout: std::time::Duration,
-) -> Result<bool, String> {
+) -> Result<bool, DbError> {
     if xids.is_empty() {
         return Ok(true);
     }
@@ -193,7 +194,7 @@ pub(crate) async fn wait_visible(
                 &[&xids],
             )
             .await
-            .map_err(|e| super::subscription::db_error_text(&e))?;
+            .map_err(DbError::from)?;
         if row.get::<_, bool>(0) {
             return Ok(true);
         }
@@ -241,11 +242,11 @@ fn quote_literal(value: &str) -> String {
 /// `None` for a viewer whose check raised an error (it sees nothing). An `Err` means the whole
 /// call failed (e.g. the function is missing): the caller falls back to [`visible_keys`].
 pub(crate) async fn visible_for_many(
-    db: &super::Database,
+    db: &Database,
     viewers: &[Arc<Viewer>],
     access: &TableAccess,
     keys: &[Vec<String>],
-) -> Result<Vec<Option<HashSet<usize>>>, String> {
+) -> Result<Vec<Option<HashSet<usize>>>, DbError> {
     let pk: Vec<_> = access.columns.iter().filter(|c| c.is_pk).collect();
     if pk.is_empty() || keys.is_empty() || viewers.is_empty() {
         return Ok(vec![Some(HashSet::new()); viewers.len()]);
@@ -273,7 +274,7 @@ pub(crate) async fn visible_for_many(
         .map(|v| v.sub.as_deref().unwrap_or_default())
         .collect();
 
-    let db_error = |e: tokio_postgres::Error| super::subscription::db_error_text(&e);
+    let db_error = DbError::from;
     let mut client = db.exclusive().await?;
     let call = client
         .prepared("select caller, visible from realtime.visible_key_indexes($1, $2, $3, $4)")
@@ -313,11 +314,11 @@ pub(crate) async fn visible_for_many(
 /// The primary keys among `keys` (text values in primary-key column order) that `viewer` can
 /// select from the table.
 pub(crate) async fn visible_keys(
-    db: &super::Database,
+    db: &Database,
     viewer: &Viewer,
     access: &TableAccess,
     keys: &[Vec<String>],
-) -> Result<HashSet<Vec<String>>, String> {
+) -> Result<HashSet<Vec<String>>, DbError> {
     let pk: Vec<_> = access.columns.iter().filter(|c| c.is_pk).collect();
     if pk.is_empty() || keys.is_empty() {
         return Ok(HashSet::new());
@@ -341,7 +342,7 @@ pub(crate) async fn visible_keys(
         .collect();
 
     let mut client = db.exclusive().await?;
-    let db_error = |e: tokio_postgres::Error| super::subscription::db_error_text(&e);
+    let db_error = DbError::from;
     let set_statement = client.prepared(SET_CLAIMS).await.map_err(db_error)?;
     let check_statement = match client.prepared(&sql).await {
         Ok(statement) => statement,
@@ -367,15 +368,15 @@ pub(crate) async fn visible_keys(
         client.query(&check_statement, &params),
         client.batch_execute("rollback"),
     );
-    begin.map_err(|e| super::subscription::db_error_text(&e))?;
-    set.map_err(|e| super::subscription::db_error_text(&e))?;
+    begin.map_err(DbError::from)?;
+    set.map_err(DbError::from)?;
     let rows = match rows {
         Ok(rows) => rows,
         // The role may not select the table at all: nothing is visible.
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
             return Ok(HashSet::new());
         }
-        Err(e) => return Err(super::subscription::db_error_text(&e)),
+        Err(e) => return Err(e.into()),
     };
     Ok(rows
         .iter()

@@ -13,7 +13,7 @@
 //! A meta's user payload is stored as the canonical JSON text of the object's members, ready to
 //! be spliced into frames; nothing is re-serialized per diff or per recipient.
 
-use crate::registry::MemberId;
+use super::member::MemberId;
 use realtime_protocol::frame::push_json_str;
 use std::collections::HashMap;
 use std::sync::Arc;

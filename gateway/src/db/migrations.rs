@@ -1,7 +1,7 @@
 //! The `realtime` schema objects clients and policies depend on, applied at start, once each,
 //! recorded in `realtime.schema_migrations`. Concurrent gateways serialise on an advisory lock.
 
-use anyhow::Context;
+use super::DbError;
 use tokio_postgres::Client;
 use tracing::info;
 
@@ -9,7 +9,7 @@ use tracing::info;
 pub(crate) const MESSAGES_PUBLICATION: &str = "supabase_realtime_messages_publication";
 
 /// Migrations in order: (version, SQL).
-const MIGRATIONS: &[(&str, &str)] = &[
+const MIGRATIONS: &[(&'static str, &str)] = &[
     (
         "0001_realtime_schema",
         include_str!("../../sql/0001_realtime_schema.sql"),
@@ -24,7 +24,19 @@ const MIGRATIONS: &[(&str, &str)] = &[
 const LOCK_KEY: i64 = 0x7265_616c_7469_6d65;
 
 /// Applies the migrations that have not run yet.
-pub(crate) async fn apply(client: &Client) -> anyhow::Result<()> {
+/// Why the migrations could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    #[error("cannot create realtime.schema_migrations: {0}")]
+    Setup(DbError),
+    #[error("migration {version} failed: {error}")]
+    Failed {
+        version: &'static str,
+        error: DbError,
+    },
+}
+
+pub(crate) async fn apply(client: &Client) -> Result<(), MigrationError> {
     client
         .batch_execute(
             "create schema if not exists realtime;
@@ -33,9 +45,13 @@ pub(crate) async fn apply(client: &Client) -> anyhow::Result<()> {
                inserted_at timestamptz not null default now())",
         )
         .await
-        .context("cannot create realtime.schema_migrations")?;
+        .map_err(|e| MigrationError::Setup(e.into()))?;
     for (version, sql) in MIGRATIONS {
-        client.batch_execute("begin").await?;
+        let failed = |error: tokio_postgres::Error| MigrationError::Failed {
+            version: *version,
+            error: error.into(),
+        };
+        client.batch_execute("begin").await.map_err(failed)?;
         let result = async {
             client
                 .execute("select pg_advisory_xact_lock($1)", &[&LOCK_KEY])
@@ -61,13 +77,10 @@ pub(crate) async fn apply(client: &Client) -> anyhow::Result<()> {
         }
         .await;
         match result {
-            Ok(()) => client.batch_execute("commit").await?,
+            Ok(()) => client.batch_execute("commit").await.map_err(failed)?,
             Err(e) => {
                 let _ = client.batch_execute("rollback").await;
-                return Err(anyhow::anyhow!(
-                    "migration {version} failed: {}",
-                    super::subscription::db_error_text(&e)
-                ));
+                return Err(failed(e));
             }
         }
     }

@@ -1,5 +1,7 @@
 //! One WebSocket connection: a single task that reads client frames, runs the channel handlers,
-//! and drains the socket's outbox onto the wire.
+//! polls the channels' database work, and drains the socket's outbox onto the wire. The loop
+//! itself never waits on the database: a join that waits for it is a job polled next to the
+//! reads and writes (`crate::channel`), so heartbeats are answered meanwhile.
 //!
 //! Heartbeats: a client heartbeats on topic `phoenix` every 25 s; any frame resets the idle
 //! deadline, and a socket that sent nothing for the idle timeout (60 s) is closed. The server
@@ -9,12 +11,11 @@
 //! overflows (it does not drain), or on shutdown. Whatever the cause, every channel leaves the
 //! registry and its presence is removed.
 
-use crate::channel::Channels;
+use crate::channel::{Channels, SocketParams};
 use crate::metrics::{CloseKind, Metrics};
 use crate::outbox::{CloseReason, Frame, OutboxReceiver};
 use crate::state::Shared;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use realtime_protocol::Vsn;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,16 +28,6 @@ use tracing::{debug, info};
 
 /// Frames written before a flush.
 const WRITE_BATCH: usize = 64;
-
-/// What the connect step learned about the client.
-#[derive(Debug)]
-pub(crate) struct SocketParams {
-    pub(crate) vsn: Vsn,
-    /// The connect token (`x-api-key` or `apikey`): the channel token when a join has none.
-    pub(crate) connect_token: String,
-    /// The client's `x-*` headers as a JSON object, as RLS sees them in `request.headers`.
-    pub(crate) headers: String,
-}
 
 /// Serves one upgraded connection until it closes.
 pub(crate) async fn serve<S>(shared: Arc<Shared>, ws: S, params: SocketParams)
@@ -90,11 +81,14 @@ where
                     break CloseKind::Error;
                 }
             }
-            message = ws.next() => {
+            (topic, step) = std::future::poll_fn(|cx| channels.poll_work(cx)), if channels.has_work() => {
+                channels.finish_job(topic, step);
+            }
+            message = ws.next(), if !channels.backlogged() => {
                 idle_deadline.as_mut().reset(Instant::now() + idle);
                 match message {
-                    Some(Ok(Message::Text(text))) => channels.handle_text(text.as_str()).await,
-                    Some(Ok(Message::Binary(bytes))) => channels.handle_binary(bytes).await,
+                    Some(Ok(Message::Text(text))) => channels.handle_text(text.as_str()),
+                    Some(Ok(Message::Binary(bytes))) => channels.handle_binary(bytes),
                     Some(Ok(Message::Close(_))) | None => break CloseKind::Client,
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
@@ -105,7 +99,7 @@ where
             }
             () = &mut idle_deadline => break CloseKind::IdleTimeout,
             () = sleep_until(expiry.unwrap_or_else(far_future)), if expiry.is_some() => {
-                Box::pin(channels.on_deadline()).await;
+                channels.on_deadline();
             }
         }
     };
@@ -169,3 +163,6 @@ where
 fn far_future() -> Instant {
     Instant::now() + Duration::from_secs(86_400 * 365)
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,7 +25,7 @@
 
 mod jwks;
 
-use crate::config::{Config, Secret};
+use crate::config::{Config, ConfigError, Secret};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, errors::ErrorKind};
 use jwks::{KeyStore, KeyType, Sources};
 use serde_json::{Map, Value};
@@ -111,10 +111,10 @@ impl AuthError {
     }
 }
 
-/// Checks the auth settings of a configuration (called by [`Config::validate`]): the inline
+/// Checks the auth settings of a configuration (called by [`Verifier::from_config`]): the inline
 /// JWKS, the URL, the claim validators, the `sb_` keys. The JWKS file is read by
 /// [`Verifier::from_config`].
-pub(crate) fn check_config(config: &Config) -> Result<(), String> {
+pub(crate) fn check_config(config: &Config) -> Result<(), ConfigError> {
     if let Some(jwks) = &config.jwt_jwks {
         jwks::parse_set_quiet(jwks.expose().as_bytes())
             .map_err(|e| format!("API_JWT_JWKS: {e}"))?;
@@ -123,7 +123,9 @@ pub(crate) fn check_config(config: &Config) -> Result<(), String> {
         jwks::JwksUrl::parse(url.expose())?;
     }
     if config.jwt_jwks_refresh_secs == 0 {
-        return Err("JWT_JWKS_REFRESH_SECS must be at least 1".into());
+        return Err(ConfigError::Invalid(
+            "JWT_JWKS_REFRESH_SECS must be at least 1".into(),
+        ));
     }
     claim_validators(&config.jwt_claim_validators)?;
     api_keys(
@@ -200,7 +202,7 @@ impl Verifier {
     /// Builds the verifier from the configuration: the secret, the inline JWKS, the JWKS file
     /// (read now), the claim validators and the `sb_` keys. A JWKS URL is fetched by
     /// [`Verifier::start_refresh`].
-    pub(crate) fn from_config(config: &Config, secret: &Secret) -> Result<Verifier, String> {
+    pub(crate) fn from_config(config: &Config, secret: &Secret) -> Result<Verifier, ConfigError> {
         check_config(config)?;
         let inline = match &config.jwt_jwks {
             Some(jwks) => jwks::parse_set(jwks.expose().as_bytes())
@@ -888,7 +890,7 @@ mod tests {
         let check = |configure: fn(&mut Config)| {
             let mut config = Config::for_tests(SECRET);
             configure(&mut config);
-            config.validate()
+            config.validate().and_then(|()| check_config(&config))
         };
         assert!(check(|_| {}).is_ok());
         assert!(check(|c| c.jwt_claim_validators = "[1]".into()).is_err());
@@ -901,7 +903,7 @@ mod tests {
         );
         assert!(check(|c| c.sb_secret_keys = vec![Secret::new("sb_secret_".into())]).is_err());
         let err = check(|c| c.sb_secret_keys = vec![Secret::new("hunter2".into())]).unwrap_err();
-        assert!(!err.contains("hunter2"), "{err}");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
         let mut config = Config::for_tests(SECRET);
         config.jwt_jwks_file = Some("/nonexistent/jwks.json".into());
         assert!(Verifier::from_config(&config, &Secret::new(SECRET.into())).is_err());

@@ -6,8 +6,8 @@
 
 use crate::auth::Claims;
 use crate::metrics::Metrics;
-use crate::registry::{Outgoing, TopicKey};
 use crate::state::Shared;
+use crate::topics::{Broadcast, BroadcastBody, Origin, TopicKey};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use realtime_protocol::binary::PayloadEncoding;
@@ -183,14 +183,14 @@ async fn may_write(shared: &Shared, claims: &Claims, headers: &HeaderMap, topic:
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), Value::from(v.to_str().ok()?))))
         .collect();
     let request_headers = Value::Object(request_headers).to_string();
-    let ctx = crate::authorization::Context {
+    let ctx = crate::db::authorization::Context {
         role: &claims.role,
         claims: &claims_json,
         sub: claims.all.get("sub").and_then(Value::as_str).unwrap_or(""),
         topic,
         headers: &request_headers,
     };
-    match crate::authorization::write(&pg.db, &ctx, "broadcast").await {
+    match crate::db::authorization::write(&pg.db, &ctx, "broadcast").await {
         Ok(allowed) => allowed,
         Err(e) => {
             tracing::warn!(topic, error = ?e, "REST write check failed");
@@ -350,22 +350,22 @@ async fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> R
             debug!(topic = %m.topic, "private REST broadcast skipped: write denied");
             continue;
         }
-        let key = TopicKey {
-            private: m.private,
-            topic: Arc::from(format!("realtime:{}", m.topic)),
-        };
-        let Some(topic) = shared.registry.get(&key) else {
-            continue;
-        };
         let meta = m.id.map(|id| json!({ "id": id }).to_string());
         let body = payload::user_broadcast_json(&m.event, m.payload, meta.as_deref());
-        let delivery = topic.publish(
-            &Outgoing::Push {
-                event: "broadcast",
-                payload: &body,
+        let delivery = shared.registry.publish(&Broadcast {
+            topic: TopicKey {
+                private: m.private,
+                topic: Arc::from(format!("realtime:{}", m.topic)),
             },
-            None,
-        );
+            origin: Origin {
+                node: shared.registry.node(),
+                member: None,
+            },
+            skip_origin: false,
+            body: BroadcastBody::Push {
+                payload: body.into(),
+            },
+        });
         Metrics::add(&shared.metrics.dropped_deliveries, delivery.dropped);
     }
     accepted()
@@ -387,7 +387,7 @@ async fn broadcast_single(
             .into_owned()
     };
     let (topic, event) = (decode(topic), decode(event));
-    let private = crate::http::query_param(Some(query), "private")
+    let private = super::query::query_param(Some(query), "private")
         .is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -434,19 +434,23 @@ async fn broadcast_single(
         return json_response(StatusCode::FORBIDDEN, &json!({"message": "Unauthorized"}));
     }
     Metrics::add(&shared.metrics.rest_broadcasts_total, 1);
-    let key = TopicKey {
-        private,
-        topic: Arc::from(format!("realtime:{topic}")),
-    };
-    if let Some(topic) = shared.registry.get(&key) {
-        let message = Outgoing::User {
-            event: &event,
+    let delivery = shared.registry.publish(&Broadcast {
+        topic: TopicKey {
+            private,
+            topic: Arc::from(format!("realtime:{topic}")),
+        },
+        origin: Origin {
+            node: shared.registry.node(),
+            member: None,
+        },
+        skip_origin: false,
+        body: BroadcastBody::User {
+            event: event.into(),
             metadata: None,
             encoding,
-            payload: &body,
-        };
-        let delivery = topic.publish(&message, None);
-        Metrics::add(&shared.metrics.dropped_deliveries, delivery.dropped);
-    }
+            payload: body,
+        },
+    });
+    Metrics::add(&shared.metrics.dropped_deliveries, delivery.dropped);
     accepted()
 }

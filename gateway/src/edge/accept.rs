@@ -1,14 +1,16 @@
 //! The HTTP listener: WebSocket upgrades on the socket paths, everything else to the warp routes
-//! of [`crate::rest`].
+//! of `rest`.
 //!
 //! Connections are served with hyper directly so the upgrade can hand the raw connection to
 //! tokio-tungstenite: warp's own `ws::Message::text` only takes a `String`, which would copy
 //! every fanned-out text frame once per recipient. Here a text frame is a reference-counted
 //! `Utf8Bytes` shared by all recipients.
 
+use super::query::query_param;
 use crate::auth::AuthError;
+use crate::channel::SocketParams;
 use crate::metrics::Metrics;
-use crate::socket::{self, SocketParams};
+use crate::socket;
 use crate::state::Shared;
 use http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use hyper::body::Incoming;
@@ -28,7 +30,7 @@ type WarpResponse = warp::reply::Response;
 
 /// Accepts connections until shutdown.
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
-    let routes = warp::service(crate::rest::routes(shared.clone()));
+    let routes = warp::service(super::rest::routes(shared.clone()));
     loop {
         let (stream, peer) = tokio::select! {
             () = shared.shutdown.cancelled() => break,
@@ -96,19 +98,6 @@ fn is_websocket_path(path: &str) -> bool {
     )
 }
 
-/// One decoded query parameter.
-pub(crate) fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let decode = |s: &str| {
-            percent_encoding::percent_decode_str(&s.replace('+', " "))
-                .decode_utf8_lossy()
-                .into_owned()
-        };
-        (decode(k) == name).then(|| decode(v))
-    })
-}
-
 /// Checks the connect request and, when it passes, upgrades it to a WebSocket served by
 /// [`socket::serve`].
 async fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>) -> WarpResponse {
@@ -153,7 +142,7 @@ async fn upgrade(shared: Arc<Shared>, mut req: Request<Incoming>) -> WarpRespons
     let params = SocketParams {
         vsn,
         connect_token: token.unwrap_or_default(),
-        headers: serde_json::Value::Object(headers).to_string(),
+        headers: Arc::from(serde_json::Value::Object(headers).to_string()),
     };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let config = WebSocketConfig::default()
@@ -246,14 +235,5 @@ mod tests {
         ] {
             assert!(!is_websocket_path(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn query_params_are_decoded() {
-        let q = Some("apikey=a%2Eb&log_level=info&vsn=2.0.0");
-        assert_eq!(query_param(q, "apikey").as_deref(), Some("a.b"));
-        assert_eq!(query_param(q, "vsn").as_deref(), Some("2.0.0"));
-        assert_eq!(query_param(q, "nope"), None);
-        assert_eq!(query_param(None, "vsn"), None);
     }
 }

@@ -1,8 +1,7 @@
 //! Replay on private channels (`config.broadcast.replay {since, limit}`, protocol.md §5.6):
 //! the newest messages of the topic since a time, delivered oldest first after the join reply.
 
-use crate::postgres::Database;
-use crate::postgres::subscription::db_error_text;
+use super::{Database, DbError};
 
 /// At most this many messages are replayed (the reference clamps `limit` to 1..=25).
 const MAX_LIMIT: i64 = 25;
@@ -24,7 +23,7 @@ pub(crate) async fn load(
     topic: &str,
     since_ms: i64,
     limit: i64,
-) -> Result<Vec<Row>, String> {
+) -> Result<Vec<Row>, DbError> {
     let client = db.client().await?;
     let limit = limit.clamp(1, MAX_LIMIT);
     let rows = client
@@ -38,8 +37,7 @@ pub(crate) async fn load(
               limit $3",
             &[&topic, &(since_ms as f64), &limit],
         )
-        .await
-        .map_err(|e| db_error_text(&e))?;
+        .await?;
     let mut out: Vec<Row> = rows
         .iter()
         .map(|r| Row {

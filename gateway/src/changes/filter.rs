@@ -75,7 +75,17 @@ pub(crate) struct RawCondition {
 }
 
 /// Parses a filter string. Empty or blank means no condition.
-pub(crate) fn parse(filter: &str) -> Result<Vec<RawCondition>, String> {
+/// Why a filter (or one of its values) was refused; the text goes to the client.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct FilterError(String);
+
+/// Parses a filter string into its conditions.
+pub(crate) fn parse(filter: &str) -> Result<Vec<RawCondition>, FilterError> {
+    parse_text(filter).map_err(FilterError)
+}
+
+fn parse_text(filter: &str) -> Result<Vec<RawCondition>, String> {
     if filter.trim().is_empty() {
         return Ok(Vec::new());
     }
@@ -310,7 +320,11 @@ enum LikeToken {
 impl Condition {
     /// Types a parsed condition for a column of `kind`; errors read like the reference's
     /// subscription-check errors.
-    pub(crate) fn compile(raw: &RawCondition, kind: Kind) -> Result<Condition, String> {
+    pub(crate) fn compile(raw: &RawCondition, kind: Kind) -> Result<Condition, FilterError> {
+        Condition::compile_text(raw, kind).map_err(FilterError)
+    }
+
+    fn compile_text(raw: &RawCondition, kind: Kind) -> Result<Condition, String> {
         let cast = |v: &str| {
             parse_scalar(&kind, v)
                 .ok_or_else(|| format!("invalid input value {v:?} for column {:?}", raw.column))

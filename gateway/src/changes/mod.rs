@@ -1,0 +1,248 @@
+//! Postgres Changes and broadcasts from the database: committed transactions from the change
+//! source, matched against the channels' subscriptions, checked for visibility, and delivered
+//! to this node's sockets.
+//!
+//! - `source`: [`source::ChangeSource`], the seam transactions come in through, and the local
+//!   WAL listener's [`source::WalSource`].
+//! - `subscription`: join-time parsing and catalog checks of `postgres_changes` entries.
+//! - `index`: table → subscriptions.
+//! - `filter`: the filter syntax and its evaluation.
+//! - `route`: the batch path from transactions to outboxes.
+//! - `payload`: the `postgres_changes` message.
+//! - `visibility`: batched RLS checks; `policy`: row policies evaluated in process, the fast
+//!   path of those checks.
+//! - `database_broadcast`: inserts into `realtime.messages` as broadcasts.
+//!
+//! Delivery: the router task takes what is queued (a batch), routes it, and reports the batch's
+//! last commit LSN as delivered once every frame is in the sockets' outboxes. Outbox pushes never
+//! wait (slow sockets are closed, see `outbox`), so a slow client never stalls the stream.
+
+pub(crate) mod database_broadcast;
+pub(crate) mod filter;
+pub(crate) mod index;
+pub(crate) mod payload;
+pub mod policy;
+pub(crate) mod route;
+pub(crate) mod source;
+pub(crate) mod subscription;
+pub(crate) mod visibility;
+
+use crate::auth::Claims;
+use crate::db::{Database, DbError, janitor, migrations};
+use crate::metrics::Metrics;
+use crate::topics::{Member, Registry};
+use index::{Index, Subscription};
+use realtime_wal_listener::{ConnectConfig, LagHandle, Listener, ListenerConfig};
+use source::{ChangeSource, WalSource};
+use std::sync::Arc;
+use std::time::Duration;
+use subscription::SubscribeError;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+use visibility::Viewer;
+
+/// Transactions routed together at most.
+const MAX_BATCH: usize = 256;
+
+/// The Postgres side of the gateway.
+#[derive(Debug)]
+pub(crate) struct PostgresChanges {
+    pub(crate) db: Arc<Database>,
+    pub(crate) index: Index,
+    pub(crate) lag: LagHandle,
+    pub(crate) publication: String,
+    pub(crate) max_record_bytes: usize,
+}
+
+/// A channel's `postgres_changes` entries resolved for its claims, not yet in the index.
+#[derive(Debug)]
+pub(crate) struct Resolved {
+    viewer: Arc<Viewer>,
+    bindings: Vec<subscription::TableBinding>,
+}
+
+impl PostgresChanges {
+    /// Waits until the change stream is live, at most `timeout`.
+    pub(crate) async fn wait_streaming(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.lag.is_streaming() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Resolves a channel's entries against the publication and the catalog for its claims.
+    /// Errors are the reference's system message texts.
+    pub(crate) async fn resolve(
+        &self,
+        claims: &Claims,
+        entries: &[(serde_json::Value, u32)],
+    ) -> Result<Resolved, SubscribeError> {
+        let unavailable = |e: DbError| SubscribeError::Unavailable(e.to_string());
+        let client = self.db.client().await.map_err(unavailable)?;
+        let bypass = match subscription::role_bypasses_rls(&client, &claims.role).await {
+            Ok(Some(bypass)) => bypass,
+            Ok(None) => {
+                return Err(SubscribeError::Invalid(format!(
+                    "Unable to subscribe to changes with given parameters: role \"{}\" of the JWT does not exist in the database",
+                    claims.role
+                )));
+            }
+            Err(e @ DbError::Unavailable(_)) => return Err(unavailable(e)),
+            Err(e) => return Err(SubscribeError::Invalid(e.message())),
+        };
+        let viewer = Arc::new(Viewer::new(claims.role.clone(), &claims.all, bypass));
+        let mut bindings = Vec::new();
+        for (value, id) in entries {
+            let binding =
+                subscription::parse_binding(value, *id).map_err(SubscribeError::Invalid)?;
+            bindings.extend(
+                subscription::resolve(&client, &self.publication, &claims.role, &binding).await?,
+            );
+        }
+        Ok(Resolved { viewer, bindings })
+    }
+
+    /// Puts a channel's resolved subscriptions in the index, replacing what it had, in one
+    /// step: a batch sees either the old set or the new one.
+    pub(crate) fn register(&self, member: &Arc<Member>, resolved: Resolved) {
+        let subs = resolved
+            .bindings
+            .into_iter()
+            .map(|binding| Subscription {
+                member: member.clone(),
+                shape: payload::Shape::of(&binding),
+                binding,
+                viewer: resolved.viewer.clone(),
+            })
+            .collect();
+        self.index.replace(member.id, subs);
+    }
+}
+
+/// Settings of the Postgres side.
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) url: String,
+    pub(crate) slot: String,
+    pub(crate) publication: String,
+    pub(crate) migrate: bool,
+    pub(crate) max_record_bytes: usize,
+}
+
+/// Why the Postgres side could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid DATABASE_URL: {0}")]
+    Url(String),
+    #[error("{0}")]
+    Connect(String),
+    #[error(transparent)]
+    Migration(#[from] migrations::MigrationError),
+}
+
+/// Connects, applies the migrations, and starts the listener and the router task.
+pub(crate) async fn start(
+    settings: &Settings,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Arc<PostgresChanges>, StartError> {
+    let connect =
+        ConnectConfig::from_url(&settings.url).map_err(|e| StartError::Url(e.to_string()))?;
+    let db = Arc::new(Database::new(connect.clone(), 8));
+    if settings.migrate {
+        let client = db
+            .client()
+            .await
+            .map_err(|e| StartError::Connect(e.to_string()))?;
+        migrations::apply(&client).await?;
+    }
+    let mut listener_config = ListenerConfig::new(connect, settings.slot.clone());
+    listener_config.publication = settings.publication.clone();
+    listener_config.additional_publications = vec![migrations::MESSAGES_PUBLICATION.to_owned()];
+    let (listener, transactions) = Listener::new(listener_config);
+    let source = WalSource {
+        transactions,
+        ack: listener.ack_handle(),
+    };
+    let pg = Arc::new(PostgresChanges {
+        db: db.clone(),
+        index: Index::default(),
+        lag: listener.lag_handle(),
+        publication: settings.publication.clone(),
+        max_record_bytes: settings.max_record_bytes,
+    });
+    let listener_shutdown = shutdown.clone();
+    tracker.spawn(async move {
+        match listener.run(listener_shutdown).await {
+            Ok(()) => info!("wal listener stopped"),
+            Err(e) => {
+                error!(error = %e, "wal listener stopped: postgres changes are not delivered")
+            }
+        }
+    });
+    tracker.spawn(route_loop(
+        pg.clone(),
+        registry,
+        metrics,
+        source,
+        shutdown.clone(),
+    ));
+    if settings.migrate {
+        tracker.spawn(janitor::run(db, shutdown));
+    }
+    Ok(pg)
+}
+
+async fn route_loop(
+    pg: Arc<PostgresChanges>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    mut source: impl ChangeSource,
+    shutdown: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut last_routed = realtime_wal_listener::Lsn::default();
+    let cx = route::Context {
+        index: &pg.index,
+        registry: &registry,
+        db: &pg.db,
+        max_record_bytes: pg.max_record_bytes,
+    };
+    loop {
+        let more = tokio::select! {
+            () = shutdown.cancelled() => break,
+            more = source.next_batch(&mut batch, MAX_BATCH) => more,
+        };
+        if !more {
+            break;
+        }
+        // The stream is at-least-once: after a reconnect, transactions already routed come again
+        // with the same commit LSN. They were delivered once; drop them.
+        let before = batch.len();
+        batch.retain(|tx| tx.commit_lsn > last_routed);
+        Metrics::add(&metrics.wal_redelivered, (before - batch.len()) as u64);
+        if let Some(last) = batch.last() {
+            last_routed = last.commit_lsn;
+        }
+        let stats = route::route(&cx, &batch).await;
+        Metrics::add(&metrics.wal_transactions, batch.len() as u64);
+        Metrics::add(&metrics.wal_changes, stats.changes);
+        Metrics::add(&metrics.postgres_changes_out, stats.frames);
+        Metrics::add(&metrics.dropped_deliveries, stats.dropped);
+        Metrics::add(&metrics.visibility_queries, stats.visibility_queries);
+        Metrics::add(&metrics.visibility_policy_decisions, stats.policy_decisions);
+        Metrics::add(&metrics.db_broadcasts, stats.db_broadcasts);
+        if let Some(last) = batch.last() {
+            source.delivered(last.commit_lsn);
+        }
+        batch.clear();
+    }
+    warn!("change router stopped");
+}

@@ -1,0 +1,602 @@
+//! The path of a batch of committed transactions from the change source to the sockets.
+//!
+//! For a batch: evaluate every subscription's event and filters on each change ([`matching`]);
+//! decide visibility for the rows of RLS tables, first by the row policies in process, then
+//! one SQL check per (table, chunk of viewers) for what those could not decide
+//! ([`visibility_flags`]); build each change's `data` once per shape and each distinct frame
+//! once, and push into the sockets' outboxes without waiting ([`deliver`]). The caller
+//! acknowledges the batch's last LSN afterwards.
+
+use super::database_broadcast;
+use super::index::{Index, Subscription};
+use super::payload::{self, Shape};
+use super::policy::{self, Undecided};
+use super::subscription::{EventFilter, TableAccess, TableBinding};
+use super::visibility::{self, Viewer};
+use crate::db::Database;
+use crate::outbox::Frame;
+use crate::topics::Registry;
+use futures_util::StreamExt;
+use realtime_protocol::Vsn;
+use realtime_wal_listener::{Change, OldTuple, Relation, Transaction, TupleValue};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tracing::{debug, warn};
+
+/// What a batch did, for metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct BatchStats {
+    pub(crate) changes: u64,
+    pub(crate) frames: u64,
+    pub(crate) dropped: u64,
+    pub(crate) visibility_queries: u64,
+    /// (viewer, row) visibility decided in process by the row policies.
+    pub(crate) policy_decisions: u64,
+    pub(crate) db_broadcasts: u64,
+}
+
+/// A change with the subscriptions whose event and filters it passes.
+struct Matched<'a> {
+    xid: u32,
+    commit_time: i64,
+    relation: &'a Arc<Relation>,
+    change: &'a Change,
+    subs: Vec<Arc<Subscription>>,
+}
+
+/// What the batch path needs besides the batch.
+pub(crate) struct Context<'a> {
+    pub(crate) index: &'a Index,
+    pub(crate) registry: &'a Registry,
+    pub(crate) db: &'a Database,
+    pub(crate) max_record_bytes: usize,
+}
+
+/// Routes a batch of transactions. Every frame is queued when this returns.
+pub(crate) async fn route(cx: &Context<'_>, batch: &[Transaction]) -> BatchStats {
+    let mut stats = BatchStats::default();
+    let matched = matching(cx, batch, &mut stats);
+    if matched.is_empty() {
+        return stats;
+    }
+    let visible = visibility_flags(cx.db, &matched, &mut stats).await;
+    deliver(&matched, &visible, cx.max_record_bytes, &mut stats);
+    stats
+}
+
+/// The changes of the batch with the subscriptions they pass; broadcasts from the database are
+/// delivered on the way.
+fn matching<'a>(
+    cx: &Context<'_>,
+    batch: &'a [Transaction],
+    stats: &mut BatchStats,
+) -> Vec<Matched<'a>> {
+    let mut matched = Vec::new();
+    for tx in batch {
+        let commit_time = tx.commit_time.unix_micros();
+        for change in &tx.changes {
+            let relation = match change {
+                Change::Insert { relation, .. }
+                | Change::Update { relation, .. }
+                | Change::Delete { relation, .. } => relation,
+                _ => continue,
+            };
+            stats.changes += 1;
+            if let Change::Insert { new, .. } = change
+                && database_broadcast::is_messages(relation)
+            {
+                stats.db_broadcasts +=
+                    u64::from(database_broadcast::deliver(cx.registry, relation, new));
+                continue;
+            }
+            let Some(subs) = cx.index.snapshot(relation.id) else {
+                continue;
+            };
+            let passing: Vec<_> = subs
+                .iter()
+                .filter(|s| passes(&s.binding, relation, change))
+                .cloned()
+                .collect();
+            if !passing.is_empty() {
+                matched.push(Matched {
+                    xid: tx.xid,
+                    commit_time,
+                    relation,
+                    change,
+                    subs: passing,
+                });
+            }
+        }
+    }
+    matched
+}
+
+/// The rows of one table to check for one viewer: (viewer, table, indexes into the matched
+/// changes).
+type PendingCheck = (Arc<Viewer>, Arc<TableAccess>, Vec<usize>);
+
+/// (viewer address, table OID).
+type CheckKey = (usize, u32);
+
+/// One viewer's rows of one table for the SQL check: (key, viewer, indexes into the matched
+/// changes).
+type TableCheck = (CheckKey, Arc<Viewer>, Vec<usize>);
+
+/// The SQL check's answer for one viewer and table: (row index, visible).
+type CheckedRows = (CheckKey, Vec<(usize, bool)>);
+
+/// Per (viewer, table), one flag per matched change: whether the viewer may see its row.
+type Visible = FastMap<CheckKey, Vec<bool>>;
+
+/// Visibility of the INSERT/UPDATE rows of RLS tables, per (viewer, table).
+async fn visibility_flags(
+    db: &Database,
+    matched: &[Matched<'_>],
+    stats: &mut BatchStats,
+) -> Visible {
+    let pks: Vec<Option<Vec<String>>> = matched.iter().map(rls_key).collect();
+    let mut checks: FastMap<CheckKey, PendingCheck> = FastMap::default();
+    for (index, m) in matched.iter().enumerate() {
+        if pks[index].is_none() {
+            continue;
+        }
+        for sub in &m.subs {
+            if !needs_rls_check(sub) {
+                continue;
+            }
+            let entry = checks
+                .entry((viewer_key(&sub.viewer), sub.binding.access.oid))
+                .or_insert_with(|| (sub.viewer.clone(), sub.binding.access.clone(), Vec::new()));
+            if entry.2.last() != Some(&index) {
+                entry.2.push(index);
+            }
+        }
+    }
+    let mut visible = Visible::default();
+    if checks.is_empty() {
+        return visible;
+    }
+    let residual = decide_in_process(db, matched, checks, &mut visible, stats).await;
+    if residual.is_empty() {
+        return visible;
+    }
+    wait_visible(db, matched, &pks).await;
+    let checked = check_in_sql(db, &pks, residual, stats).await;
+    for (key, rows) in checked {
+        let flags = visible
+            .entry(key)
+            .or_insert_with(|| vec![false; matched.len()]);
+        for (index, seen) in rows {
+            flags[index] = seen;
+        }
+    }
+    visible
+}
+
+/// Decides what the row policies can decide in process; returns the checks left for SQL.
+async fn decide_in_process(
+    db: &Database,
+    matched: &[Matched<'_>],
+    checks: FastMap<CheckKey, PendingCheck>,
+    visible: &mut Visible,
+    stats: &mut BatchStats,
+) -> Vec<(CheckKey, PendingCheck)> {
+    let mut pairs: Vec<(String, u32)> = checks
+        .values()
+        .map(|(viewer, access, _)| (viewer.role.clone(), access.oid))
+        .collect();
+    pairs.sort_unstable();
+    pairs.dedup();
+    let policies = match visibility::row_policies(db, &pairs).await {
+        Ok(policies) => policies,
+        Err(e) => {
+            warn!(error = %e, "could not read row policies: every row checked in SQL");
+            visibility::RowPolicies::default()
+        }
+    };
+    let mut residual = Vec::new();
+    for (key, (viewer, access, rows)) in checks {
+        let compiled = policies.tables.get(&(viewer.role.clone(), access.oid));
+        let caller = compiled.map(|_| viewer.caller(&policies.functions));
+        let flags = visible
+            .entry(key)
+            .or_insert_with(|| vec![false; matched.len()]);
+        let mut undecided = Vec::new();
+        for index in rows {
+            let m = &matched[index];
+            let decision = match (compiled, &caller, m.change) {
+                (
+                    Some(compiled),
+                    Some(caller),
+                    Change::Insert { new, .. } | Change::Update { new, .. },
+                ) => compiled.decide(
+                    &WalRow {
+                        relation: m.relation,
+                        tuple: new,
+                    },
+                    caller,
+                ),
+                _ => Err(Undecided),
+            };
+            match decision {
+                Ok(seen) => {
+                    stats.policy_decisions += 1;
+                    flags[index] = seen;
+                }
+                Err(Undecided) => undecided.push(index),
+            }
+        }
+        if !undecided.is_empty() {
+            residual.push((key, (viewer, access, undecided)));
+        }
+    }
+    residual
+}
+
+/// Waits until the batch's transactions are visible to new snapshots: a commit reaches the WAL
+/// before the committing backend leaves the proc array, and an SQL check that runs earlier
+/// would not see the row.
+async fn wait_visible(db: &Database, matched: &[Matched<'_>], pks: &[Option<Vec<String>>]) {
+    let mut xids: Vec<u32> = matched
+        .iter()
+        .zip(pks)
+        .filter(|(_, pk)| pk.is_some())
+        .map(|(m, _)| m.xid)
+        .collect();
+    xids.sort_unstable();
+    xids.dedup();
+    match visibility::wait_visible(db, &xids, VISIBILITY_WAIT).await {
+        Ok(true) => {}
+        Ok(false) => warn!(
+            "committed transactions not yet visible after the wait: RLS checks may withhold rows"
+        ),
+        Err(e) => warn!(error = %e, "could not wait for committed transactions to be visible"),
+    }
+}
+
+/// The SQL check: per table, the rows' keys once, and the viewers in a few chunks, each chunk
+/// one statement (`realtime.visible_key_indexes`), run side by side.
+async fn check_in_sql(
+    db: &Database,
+    pks: &[Option<Vec<String>>],
+    residual: Vec<(CheckKey, PendingCheck)>,
+    stats: &mut BatchStats,
+) -> Vec<CheckedRows> {
+    let mut by_table: FastMap<u32, (Arc<TableAccess>, Vec<TableCheck>)> = FastMap::default();
+    for (key, (viewer, access, rows)) in residual {
+        by_table
+            .entry(access.oid)
+            .or_insert_with(|| (access.clone(), Vec::new()))
+            .1
+            .push((key, viewer, rows));
+    }
+    let mut jobs = Vec::new();
+    for (_, (access, entries)) in by_table {
+        let mut keys: Vec<Vec<String>> = entries
+            .iter()
+            .flat_map(|(_, _, rows)| rows.iter().filter_map(|&i| pks[i].clone()))
+            .collect();
+        keys.sort();
+        keys.dedup();
+        let keys = Arc::new(keys);
+        // Up to VISIBILITY_CONCURRENCY calls per table, none with fewer than MIN_CHUNK viewers.
+        let chunk = entries
+            .len()
+            .div_ceil(VISIBILITY_CONCURRENCY)
+            .max(MIN_CHUNK);
+        let mut entries = entries.into_iter().peekable();
+        while entries.peek().is_some() {
+            let part: Vec<_> = entries.by_ref().take(chunk).collect();
+            jobs.push((access.clone(), keys.clone(), part));
+        }
+    }
+    stats.visibility_queries = jobs.len() as u64;
+    let checked: Vec<Vec<CheckedRows>> = futures_util::stream::iter(jobs)
+        .map(|(access, keys, part)| check_chunk(db, pks, access, keys, part))
+        .buffer_unordered(VISIBILITY_CONCURRENCY)
+        .collect()
+        .await;
+    checked.into_iter().flatten().collect()
+}
+
+/// One chunk of viewers of one table against the batch's keys of that table.
+async fn check_chunk(
+    db: &Database,
+    pks: &[Option<Vec<String>>],
+    access: Arc<TableAccess>,
+    keys: Arc<Vec<Vec<String>>>,
+    part: Vec<TableCheck>,
+) -> Vec<CheckedRows> {
+    let viewers: Vec<Arc<Viewer>> = part.iter().map(|(_, v, _)| v.clone()).collect();
+    let results = match visibility::visible_for_many(db, &viewers, &access, &keys).await {
+        Ok(results) => results,
+        Err(e) => {
+            // Without the function (migrations disabled) or on a failed call: one check per
+            // viewer.
+            debug!(table = %access.table, error = %e, "batched visibility check failed: checking per viewer");
+            let mut results = Vec::with_capacity(viewers.len());
+            for viewer in &viewers {
+                results.push(
+                    match visibility::visible_keys(db, viewer, &access, &keys).await {
+                        Ok(seen) => Some(
+                            keys.iter()
+                                .enumerate()
+                                .filter(|(_, k)| seen.contains(*k))
+                                .map(|(i, _)| i)
+                                .collect(),
+                        ),
+                        Err(e) => {
+                            warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check failed: rows withheld");
+                            None
+                        }
+                    },
+                );
+            }
+            results
+        }
+    };
+    // Keys are sorted: a row's key index by binary search.
+    part.into_iter()
+        .zip(results)
+        .map(|((key, _, rows), seen)| {
+            let seen = seen.unwrap_or_default();
+            let rows = rows
+                .into_iter()
+                .map(|row| {
+                    let visible = pks[row]
+                        .as_ref()
+                        .and_then(|pk| keys.binary_search(pk).ok())
+                        .is_some_and(|i| seen.contains(&i));
+                    (row, visible)
+                })
+                .collect();
+            (key, rows)
+        })
+        .collect()
+}
+
+/// Frames of one change, shared between channels: (shape index, serializer, topic address,
+/// binding ids).
+type FrameKey = (usize, Vsn, usize, Vec<u32>);
+
+/// Payloads and fan-out, in commit order. A channel's subscriptions on a table are adjacent in
+/// the table's list (`Index::replace` adds them together), so one run of equal members is one
+/// channel: its matching bindings share a frame per shape. Equal frames (same shape, ids,
+/// serializer and topic) are encoded once per change and shared between channels.
+fn deliver(
+    matched: &[Matched<'_>],
+    visible: &Visible,
+    max_record_bytes: usize,
+    stats: &mut BatchStats,
+) {
+    let mut frames: FastMap<FrameKey, Frame> = FastMap::default();
+    let mut shapes: Vec<Shape> = Vec::new();
+    let mut datas: Vec<Option<String>> = Vec::new();
+    let mut run: Vec<(usize, Vec<u32>, usize)> = Vec::new();
+    for (index, m) in matched.iter().enumerate() {
+        frames.clear();
+        shapes.clear();
+        datas.clear();
+        let mut start = 0;
+        while start < m.subs.len() {
+            let member = m.subs[start].member.id;
+            let end = start
+                + m.subs[start..]
+                    .iter()
+                    .position(|s| s.member.id != member)
+                    .unwrap_or(m.subs.len() - start);
+            // (shape, ids, the first subscription) of this channel, in first-seen order.
+            run.clear();
+            for (offset, sub) in m.subs[start..end].iter().enumerate() {
+                if change_needs_rls_check(m.change, sub) {
+                    let seen = visible
+                        .get(&(viewer_key(&sub.viewer), sub.binding.access.oid))
+                        .is_some_and(|flags| flags[index]);
+                    if !seen {
+                        continue;
+                    }
+                }
+                let shape_idx = match shapes.iter().position(|s| s.same(&sub.shape)) {
+                    Some(i) => i,
+                    None => {
+                        shapes.push(sub.shape.clone());
+                        datas.push(None);
+                        shapes.len() - 1
+                    }
+                };
+                match run.iter_mut().find(|(s, _, _)| *s == shape_idx) {
+                    Some((_, ids, _)) => {
+                        if !ids.contains(&sub.binding.binding_id) {
+                            ids.push(sub.binding.binding_id);
+                        }
+                    }
+                    None => run.push((shape_idx, vec![sub.binding.binding_id], start + offset)),
+                }
+            }
+            for (shape_idx, ids, first) in run.drain(..) {
+                let sub = &m.subs[first];
+                let data = datas[shape_idx].get_or_insert_with(|| {
+                    payload::data(
+                        &shapes[shape_idx],
+                        m.relation,
+                        m.change,
+                        m.commit_time,
+                        max_record_bytes,
+                    )
+                });
+                let topic = sub.member.topic();
+                let topic_key = Arc::as_ptr(topic) as *const u8 as usize;
+                let frame = frames
+                    .entry((shape_idx, sub.member.vsn, topic_key, ids))
+                    .or_insert_with_key(|(_, vsn, _, ids)| {
+                        Frame::text(vsn.encode_with(
+                            None,
+                            None,
+                            topic,
+                            "postgres_changes",
+                            data.len() + 16 + ids.len() * 11,
+                            |out| payload::write_message(out, ids, data),
+                        ))
+                    })
+                    .clone();
+                if sub.member.outbox.push(frame) {
+                    stats.frames += 1;
+                } else {
+                    stats.dropped += 1;
+                }
+            }
+            start = end;
+        }
+    }
+}
+
+/// A WAL tuple as a row for the policy evaluator.
+struct WalRow<'a> {
+    relation: &'a Relation,
+    tuple: &'a [TupleValue],
+}
+
+impl policy::Row for WalRow<'_> {
+    fn cell(&self, column: &str) -> Option<policy::Cell<'_>> {
+        let i = self
+            .relation
+            .columns
+            .iter()
+            .position(|c| c.name == column)?;
+        Some(match self.tuple.get(i)? {
+            TupleValue::Null => policy::Cell::Null,
+            TupleValue::Text(_) => match self.tuple[i].as_str() {
+                Some(text) => policy::Cell::Text(text, &self.relation.columns[i].pg_type.name),
+                None => policy::Cell::Unknown,
+            },
+            TupleValue::UnchangedToast | TupleValue::Binary(_) => policy::Cell::Unknown,
+        })
+    }
+}
+
+/// A hash map keyed by small integers and pointers, hashed with [`FastHasher`].
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<FastHasher>>;
+
+/// A multiply-rotate hasher (the one rustc uses) for keys made of integers and addresses, which
+/// the fan-out hashes once per subscriber and change; not resistant to chosen keys, and these
+/// keys are not chosen by clients.
+#[derive(Default, Clone, Copy)]
+struct FastHasher(u64);
+
+impl std::hash::Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u8(&mut self, n: u8) {
+        self.write_u64(u64::from(n));
+    }
+}
+
+/// Event filter and conditions: new row for INSERT/UPDATE, old identity for DELETE.
+fn passes(binding: &TableBinding, relation: &Relation, change: &Change) -> bool {
+    let wanted = matches!(
+        (binding.event, change),
+        (EventFilter::All, _)
+            | (EventFilter::Insert, Change::Insert { .. })
+            | (EventFilter::Update, Change::Update { .. })
+            | (EventFilter::Delete, Change::Delete { .. })
+    );
+    if !wanted {
+        return false;
+    }
+    binding.conditions.iter().all(|condition| {
+        let Some(i) = relation
+            .columns
+            .iter()
+            .position(|c| c.name == condition.column)
+        else {
+            return false;
+        };
+        let value = match change {
+            Change::Insert { new, .. } => new.get(i),
+            Change::Update { new, old, .. } => match new.get(i) {
+                Some(TupleValue::UnchangedToast) => match old {
+                    Some(OldTuple::Full(t)) => t.get(i),
+                    _ => None,
+                },
+                v => v,
+            },
+            Change::Delete { old: Some(old), .. } => match old {
+                OldTuple::Full(t) => t.get(i),
+                OldTuple::Key(t) if relation.columns[i].is_key => t.get(i),
+                OldTuple::Key(_) => None,
+            },
+            _ => None,
+        };
+        match value {
+            Some(TupleValue::Null) => condition.matches(None),
+            Some(v) => match v.as_str() {
+                Some(text) => condition.matches(Some(text)),
+                None => false,
+            },
+            None => false,
+        }
+    })
+}
+
+/// How long a batch waits for its transactions to be visible to new snapshots.
+const VISIBILITY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Visibility queries run at once on the exclusive connections.
+const VISIBILITY_CONCURRENCY: usize = 8;
+
+/// Viewers checked in one call at least, when there are that many.
+const MIN_CHUNK: usize = 16;
+
+/// Interned viewers are compared by address.
+fn viewer_key(viewer: &Arc<Viewer>) -> usize {
+    Arc::as_ptr(viewer) as usize
+}
+
+fn needs_rls_check(sub: &Subscription) -> bool {
+    sub.binding.access.rls && !sub.viewer.bypass_rls
+}
+
+/// DELETEs are never RLS-checked (the row is gone); INSERT/UPDATE rows of RLS tables are.
+fn change_needs_rls_check(change: &Change, sub: &Subscription) -> bool {
+    !matches!(change, Change::Delete { .. }) && needs_rls_check(sub)
+}
+
+/// The primary-key values (as text) of an INSERT/UPDATE row of an RLS table; `None` otherwise.
+fn rls_key(m: &Matched<'_>) -> Option<Vec<String>> {
+    let new = match m.change {
+        Change::Insert { new, .. } | Change::Update { new, .. } => new,
+        _ => return None,
+    };
+    let access = &m.subs.first()?.binding.access;
+    if !access.rls {
+        return None;
+    }
+    let mut key = Vec::new();
+    for pk in access.columns.iter().filter(|c| c.is_pk) {
+        let i = m.relation.columns.iter().position(|c| c.name == pk.name)?;
+        key.push(new.get(i)?.as_str()?.to_owned());
+    }
+    (!key.is_empty()).then_some(key)
+}
