@@ -9,7 +9,7 @@ use tracing::info;
 pub(crate) const MESSAGES_PUBLICATION: &str = "supabase_realtime_messages_publication";
 
 /// Migrations in order: (version, SQL).
-const MIGRATIONS: &[(&'static str, &str)] = &[
+const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0001_realtime_schema",
         include_str!("../../sql/0001_realtime_schema.sql"),
@@ -48,7 +48,7 @@ pub(crate) async fn apply(client: &Client) -> Result<(), MigrationError> {
         .map_err(|e| MigrationError::Setup(e.into()))?;
     for (version, sql) in MIGRATIONS {
         let failed = |error: tokio_postgres::Error| MigrationError::Failed {
-            version: *version,
+            version,
             error: error.into(),
         };
         client.batch_execute("begin").await.map_err(failed)?;

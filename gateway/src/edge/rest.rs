@@ -201,140 +201,13 @@ async fn may_write(shared: &Shared, claims: &Claims, headers: &HeaderMap, topic:
 
 /// `POST /api/broadcast`: `{"messages":[{topic, event, payload, private?, id?}]}`.
 async fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> Response {
-    #[derive(Deserialize)]
-    struct Batch<'a> {
-        #[serde(borrow, default)]
-        messages: Option<Vec<&'a RawValue>>,
-    }
-    #[derive(Deserialize)]
-    struct Message<'a> {
-        #[serde(default)]
-        topic: Option<Value>,
-        #[serde(default)]
-        event: Option<Value>,
-        #[serde(borrow, default)]
-        payload: Option<&'a RawValue>,
-        #[serde(default)]
-        private: Option<Value>,
-        #[serde(default)]
-        id: Option<Value>,
-    }
-    struct Valid<'a> {
-        topic: String,
-        event: String,
-        payload: &'a str,
-        private: bool,
-        id: Option<String>,
-    }
-
     let Some(claims) = authenticate(shared, headers) else {
         return unauthorized();
     };
-    let blank = || {
-        json_response(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &json!({"errors": {"messages": ["can't be blank"]}}),
-        )
+    let valid = match validate_batch(body, shared.config.max_payload_bytes()) {
+        Ok(valid) => valid,
+        Err(errors) => return json_response(StatusCode::UNPROCESSABLE_ENTITY, &errors),
     };
-    let Ok(Batch {
-        messages: Some(messages),
-    }) = serde_json::from_slice::<Batch<'_>>(body)
-    else {
-        return blank();
-    };
-    if messages.is_empty() {
-        return blank();
-    }
-    let max = shared.config.max_payload_bytes();
-    let mut valid = Vec::with_capacity(messages.len());
-    let mut errors = Vec::with_capacity(messages.len());
-    for raw in &messages {
-        let mut e = serde_json::Map::new();
-        let Ok(m) = serde_json::from_str::<Message<'_>>(raw.get())
-            .map_err(|_| ())
-            .and_then(|m| {
-                if raw.get().trim_start().starts_with('{') {
-                    Ok(m)
-                } else {
-                    Err(())
-                }
-            })
-        else {
-            errors.push(json!({"message": ["is invalid"]}));
-            continue;
-        };
-        let text = |v: &Option<Value>, name: &str, e: &mut serde_json::Map<String, Value>| match v {
-            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
-            Some(Value::String(_)) | None | Some(Value::Null) => {
-                e.insert(name.into(), json!(["can't be blank"]));
-                None
-            }
-            Some(_) => {
-                e.insert(name.into(), json!(["is invalid"]));
-                None
-            }
-        };
-        let topic = text(&m.topic, "topic", &mut e);
-        let event = text(&m.event, "event", &mut e);
-        let payload = match m.payload {
-            None => {
-                e.insert("payload".into(), json!(["can't be blank"]));
-                None
-            }
-            Some(p) if !p.get().trim_start().starts_with('{') => {
-                e.insert("payload".into(), json!(["is invalid"]));
-                None
-            }
-            Some(p) if p.get().len() > max => {
-                e.insert(
-                    "payload".into(),
-                    json!(["Payload size exceeds tenant limit"]),
-                );
-                None
-            }
-            Some(p) => Some(p.get()),
-        };
-        let private = match &m.private {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(Value::String(s))
-                if s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("false") =>
-            {
-                s.eq_ignore_ascii_case("true")
-            }
-            Some(_) => {
-                e.insert("private".into(), json!(["is invalid"]));
-                false
-            }
-        };
-        let id = match &m.id {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) if uuid::Uuid::parse_str(s).is_ok() => Some(s.clone()),
-            Some(_) => {
-                e.insert("id".into(), json!(["is invalid"]));
-                None
-            }
-        };
-        match (topic, event, payload) {
-            (Some(topic), Some(event), Some(payload)) if e.is_empty() => {
-                valid.push(Valid {
-                    topic,
-                    event,
-                    payload,
-                    private,
-                    id,
-                });
-                errors.push(json!({}));
-            }
-            _ => errors.push(Value::Object(e)),
-        }
-    }
-    if valid.len() != messages.len() {
-        return json_response(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            &json!({"errors": {"messages": errors}}),
-        );
-    }
     // Private messages: each topic's write policy is checked once with the caller's claims;
     // topics that fail are skipped silently (the request still succeeds), as the reference does.
     let mut allowed: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
@@ -369,6 +242,141 @@ async fn broadcast_batch(shared: &Shared, headers: &HeaderMap, body: &[u8]) -> R
         Metrics::add(&shared.metrics.dropped_deliveries, delivery.dropped);
     }
     accepted()
+}
+
+#[derive(Deserialize)]
+struct Batch<'a> {
+    #[serde(borrow, default)]
+    messages: Option<Vec<&'a RawValue>>,
+}
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(default)]
+    topic: Option<Value>,
+    #[serde(default)]
+    event: Option<Value>,
+    #[serde(borrow, default)]
+    payload: Option<&'a RawValue>,
+    #[serde(default)]
+    private: Option<Value>,
+    #[serde(default)]
+    id: Option<Value>,
+}
+struct Valid<'a> {
+    topic: String,
+    event: String,
+    payload: &'a str,
+    private: bool,
+    id: Option<String>,
+}
+
+/// The batch's messages, or the body of the reference's 422 answer, naming what is wrong with
+/// each message.
+fn validate_batch(body: &[u8], max: usize) -> Result<Vec<Valid<'_>>, Value> {
+    let blank = || json!({"errors": {"messages": ["can't be blank"]}});
+    let Ok(Batch {
+        messages: Some(messages),
+    }) = serde_json::from_slice::<Batch<'_>>(body)
+    else {
+        return Err(blank());
+    };
+    if messages.is_empty() {
+        return Err(blank());
+    }
+    let mut valid = Vec::with_capacity(messages.len());
+    let mut errors = Vec::with_capacity(messages.len());
+    for raw in messages {
+        match validate_message(raw, max) {
+            Ok(m) => {
+                valid.push(m);
+                errors.push(json!({}));
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if valid.len() != errors.len() {
+        return Err(json!({"errors": {"messages": errors}}));
+    }
+    Ok(valid)
+}
+
+/// One message of a batch, or its errors by field.
+fn validate_message(raw: &RawValue, max: usize) -> Result<Valid<'_>, Value> {
+    let mut e = serde_json::Map::new();
+    let Ok(m) = serde_json::from_str::<Message<'_>>(raw.get())
+        .map_err(|_| ())
+        .and_then(|m| {
+            if raw.get().trim_start().starts_with('{') {
+                Ok(m)
+            } else {
+                Err(())
+            }
+        })
+    else {
+        return Err(json!({"message": ["is invalid"]}));
+    };
+    let text = |v: &Option<Value>, name: &str, e: &mut serde_json::Map<String, Value>| match v {
+        Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+        Some(Value::String(_)) | None | Some(Value::Null) => {
+            e.insert(name.into(), json!(["can't be blank"]));
+            None
+        }
+        Some(_) => {
+            e.insert(name.into(), json!(["is invalid"]));
+            None
+        }
+    };
+    let topic = text(&m.topic, "topic", &mut e);
+    let event = text(&m.event, "event", &mut e);
+    let payload = match m.payload {
+        None => {
+            e.insert("payload".into(), json!(["can't be blank"]));
+            None
+        }
+        Some(p) if !p.get().trim_start().starts_with('{') => {
+            e.insert("payload".into(), json!(["is invalid"]));
+            None
+        }
+        Some(p) if p.get().len() > max => {
+            e.insert(
+                "payload".into(),
+                json!(["Payload size exceeds tenant limit"]),
+            );
+            None
+        }
+        Some(p) => Some(p.get()),
+    };
+    let private = match &m.private {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::String(s))
+            if s.eq_ignore_ascii_case("true") || s.eq_ignore_ascii_case("false") =>
+        {
+            s.eq_ignore_ascii_case("true")
+        }
+        Some(_) => {
+            e.insert("private".into(), json!(["is invalid"]));
+            false
+        }
+    };
+    let id = match &m.id {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if uuid::Uuid::parse_str(s).is_ok() => Some(s.clone()),
+        Some(_) => {
+            e.insert("id".into(), json!(["is invalid"]));
+            None
+        }
+    };
+    match (topic, event, payload) {
+        (Some(topic), Some(event), Some(payload)) if e.is_empty() => Ok(Valid {
+            topic,
+            event,
+            payload,
+            private,
+            id,
+        }),
+        _ => Err(Value::Object(e)),
+    }
 }
 
 /// `POST /api/broadcast/:topic/events/:event[?private=true]`: the body is the user payload,

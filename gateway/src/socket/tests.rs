@@ -173,12 +173,10 @@ async fn idle_socket_closes_after_the_timeout_and_heartbeats_keep_it_open() {
         "{idle:?}"
     );
     h.task.await.unwrap();
-    assert_eq!(
-        h.shared
-            .metrics
-            .render()
-            .contains("realtime_socket_closes_total{reason=\"idle_timeout\"} 1"),
-        true
+    let metrics = h.shared.metrics.render();
+    assert!(
+        metrics.contains("realtime_socket_closes_total{reason=\"idle_timeout\"} 1"),
+        "{metrics}"
     );
 }
 
