@@ -150,7 +150,7 @@ async fn the_join_reply_precedes_the_first_change_under_load() -> anyhow::Result
     });
     let mut client = gw.connect(Vsn::V2).await?;
     let mut first_changes = 0;
-    for round in 0..15 {
+    for round in 0..40 {
         let topic = format!("realtime:load-{round}");
         let join_ref = client
             .join(&topic, &json!({ "config": pg_changes("items") }))
@@ -183,7 +183,7 @@ async fn the_join_reply_precedes_the_first_change_under_load() -> anyhow::Result
     stop.cancel();
     let written = writer.await??;
     assert!(written > 0);
-    assert_eq!(first_changes, 15);
+    assert_eq!(first_changes, 40);
     gw.shutdown(Duration::from_secs(10)).await?;
     Ok(())
 }

@@ -58,8 +58,25 @@ pub(crate) struct Key {
     key: Arc<DecodingKey>,
 }
 
+/// Why a JWKS (inline, file or URL) could not be used; the text names the key or the source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct JwksError(String);
+
+impl From<String> for JwksError {
+    fn from(message: String) -> JwksError {
+        JwksError(message)
+    }
+}
+
+impl From<&str> for JwksError {
+    fn from(message: &str) -> JwksError {
+        JwksError(message.to_owned())
+    }
+}
+
 /// Parses a JWKS document (`{"keys":[…]}`) and logs the keys it skips; see [`parse_set_quiet`].
-pub(crate) fn parse_set(json: &[u8]) -> Result<Vec<Key>, String> {
+pub(crate) fn parse_set(json: &[u8]) -> Result<Vec<Key>, JwksError> {
     let (keys, skipped) = parse_set_quiet(json)?;
     for why in skipped {
         warn!(why = %why, "jwks: key skipped");
@@ -69,11 +86,13 @@ pub(crate) fn parse_set(json: &[u8]) -> Result<Vec<Key>, String> {
 
 /// Parses a JWKS document (`{"keys":[…]}`): the usable keys, and why each other key was
 /// skipped. A document of another shape is an error. Texts never quote key material.
-pub(crate) fn parse_set_quiet(json: &[u8]) -> Result<(Vec<Key>, Vec<String>), String> {
+pub(crate) fn parse_set_quiet(json: &[u8]) -> Result<(Vec<Key>, Vec<String>), JwksError> {
     let doc: Value =
         serde_json::from_slice(json).map_err(|e| format!("not JSON ({:?})", e.classify()))?;
     let Some(keys) = doc.get("keys").and_then(Value::as_array) else {
-        return Err("not a JWKS: expected an object with a \"keys\" array".to_owned());
+        return Err(JwksError::from(
+            "not a JWKS: expected an object with a \"keys\" array".to_owned(),
+        ));
     };
     let mut out = Vec::with_capacity(keys.len());
     let mut skipped = Vec::new();
@@ -222,14 +241,14 @@ pub(crate) struct JwksUrl {
 }
 
 impl JwksUrl {
-    pub(crate) fn parse(url: &str) -> Result<JwksUrl, String> {
+    pub(crate) fn parse(url: &str) -> Result<JwksUrl, JwksError> {
         let uri: http::Uri = url
             .parse()
             .map_err(|_| "JWT_JWKS_URL is not a URL".to_owned())?;
         let https = match uri.scheme_str() {
             Some("https") => true,
             Some("http") => false,
-            _ => return Err("JWT_JWKS_URL must start with http:// or https://".to_owned()),
+            _ => return Err("JWT_JWKS_URL must start with http:// or https://".into()),
         };
         let authority = uri
             .authority()
@@ -237,7 +256,9 @@ impl JwksUrl {
             .as_str()
             .to_owned();
         if authority.contains('@') {
-            return Err("JWT_JWKS_URL must not carry credentials".to_owned());
+            return Err(JwksError::from(
+                "JWT_JWKS_URL must not carry credentials".to_owned(),
+            ));
         }
         let host = uri
             .host()
@@ -287,12 +308,15 @@ impl Sources {
 }
 
 /// Reads and parses a JWKS file.
-pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<Key>, String> {
+pub(crate) fn read_file(path: &std::path::Path) -> Result<Vec<Key>, JwksError> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if bytes.len() > MAX_JWKS_BYTES {
-        return Err(format!("{} is larger than 1 MiB", path.display()));
+        return Err(JwksError::from(format!(
+            "{} is larger than 1 MiB",
+            path.display()
+        )));
     }
-    parse_set(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+    parse_set(&bytes).map_err(|e| JwksError(format!("{}: {e}", path.display())))
 }
 
 /// Reloads every source once; returns whether all succeeded. A failed source keeps its keys.
@@ -405,7 +429,7 @@ pub(crate) async fn refresh_loop(
 }
 
 /// GETs the URL over plain TCP or TLS (webpki roots) with HTTP/1.1; the body of a 200 reply.
-async fn fetch(url: &JwksUrl) -> Result<Bytes, String> {
+async fn fetch(url: &JwksUrl) -> Result<Bytes, JwksError> {
     let tcp = TcpStream::connect((url.host.as_str(), url.port))
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -429,7 +453,7 @@ async fn fetch(url: &JwksUrl) -> Result<Bytes, String> {
     get(TokioIo::new(stream), url).await
 }
 
-async fn get<T>(io: T, url: &JwksUrl) -> Result<Bytes, String>
+async fn get<T>(io: T, url: &JwksUrl) -> Result<Bytes, JwksError>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -448,7 +472,10 @@ where
             .await
             .map_err(|e| format!("http: {e}"))?;
         if response.status() != http::StatusCode::OK {
-            return Err(format!("http status {}", response.status().as_u16()));
+            return Err(JwksError::from(format!(
+                "http status {}",
+                response.status().as_u16()
+            )));
         }
         let body = Limited::new(response.into_body(), MAX_JWKS_BYTES)
             .collect()

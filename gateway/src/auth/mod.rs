@@ -120,7 +120,7 @@ pub(crate) fn check_config(config: &Config) -> Result<(), ConfigError> {
             .map_err(|e| format!("API_JWT_JWKS: {e}"))?;
     }
     if let Some(url) = &config.jwt_jwks_url {
-        jwks::JwksUrl::parse(url.expose())?;
+        jwks::JwksUrl::parse(url.expose()).map_err(|e| e.to_string())?;
     }
     if config.jwt_jwks_refresh_secs == 0 {
         return Err(ConfigError::Invalid(
@@ -214,7 +214,7 @@ impl Verifier {
             None => Vec::new(),
         };
         let url = match &config.jwt_jwks_url {
-            Some(url) => Some(jwks::JwksUrl::parse(url.expose())?),
+            Some(url) => Some(jwks::JwksUrl::parse(url.expose()).map_err(|e| e.to_string())?),
             None => None,
         };
         let sources = Sources {

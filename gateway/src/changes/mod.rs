@@ -98,8 +98,7 @@ impl PostgresChanges {
         let viewer = Arc::new(Viewer::new(claims.role.clone(), &claims.all, bypass));
         let mut bindings = Vec::new();
         for (value, id) in entries {
-            let binding =
-                subscription::parse_binding(value, *id).map_err(SubscribeError::Invalid)?;
+            let binding = subscription::parse_binding(value, *id)?;
             bindings.extend(
                 subscription::resolve(&client, &self.publication, &claims.role, &binding).await?,
             );

@@ -79,7 +79,11 @@ pub(crate) enum SubscribeError {
 }
 
 /// Parses one `config.postgres_changes` entry; errors are the reference's system messages.
-pub(crate) fn parse_binding(entry: &Value, id: u32) -> Result<Binding, String> {
+pub(crate) fn parse_binding(entry: &Value, id: u32) -> Result<Binding, SubscribeError> {
+    parse_entry(entry, id).map_err(SubscribeError::Invalid)
+}
+
+fn parse_entry(entry: &Value, id: u32) -> Result<Binding, String> {
     let Some(map) = entry.as_object() else {
         return Err(no_params(entry));
     };
@@ -339,15 +343,25 @@ mod tests {
 
     #[test]
     fn binding_errors_are_the_reference_messages() {
-        let e = parse_binding(&json!({"event":"*"}), 1).unwrap_err();
+        let e = parse_binding(&json!({"event":"*"}), 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("No subscription params provided."), "{e}");
-        let e = parse_binding(&json!({"table":"t","filter":"id=foo.1"}), 1).unwrap_err();
+        let e = parse_binding(&json!({"table":"t","filter":"id=foo.1"}), 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("Error parsing `filter` params: "), "{e}");
-        let e = parse_binding(&json!({"table":"t","filter":null}), 1).unwrap_err();
+        let e = parse_binding(&json!({"table":"t","filter":null}), 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("Error parsing `filter` params: "), "{e}");
-        let e = parse_binding(&json!({"table":"t","select":"id"}), 1).unwrap_err();
+        let e = parse_binding(&json!({"table":"t","select":"id"}), 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("Error parsing `select` params"), "{e}");
-        let e = parse_binding(&json!({"schema":"public","select":["id"]}), 1).unwrap_err();
+        let e = parse_binding(&json!({"schema":"public","select":["id"]}), 1)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("Column selection is not supported for wildcard"),
             "{e}"

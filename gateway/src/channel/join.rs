@@ -44,6 +44,10 @@ struct Plan {
     reply: String,
 }
 
+/// Why a join is refused: the reason as the client reads it.
+#[derive(Debug)]
+struct Refusal(String);
+
 /// What the database said about a join.
 #[derive(Debug, Default)]
 struct Checked {
@@ -156,10 +160,10 @@ impl Channels {
         );
     }
 
-    fn finish_join(&mut self, plan: Plan, checked: Result<Checked, String>) {
+    fn finish_join(&mut self, plan: Plan, checked: Result<Checked, Refusal>) {
         let checked = match checked {
             Ok(checked) => checked,
-            Err(reason) => {
+            Err(Refusal(reason)) => {
                 return self.refuse(
                     &plan.topic,
                     plan.join_ref.as_ref(),
@@ -289,7 +293,7 @@ impl Channels {
 }
 
 /// The database's part of a join: private read, replay, Postgres Changes. `Err` is the refusal.
-async fn check(shared: &Shared, request: &AuthzRequest, plan: &Plan) -> Result<Checked, String> {
+async fn check(shared: &Shared, request: &AuthzRequest, plan: &Plan) -> Result<Checked, Refusal> {
     let mut checked = Checked::default();
     if plan.private {
         checked.read = Some(match request.read(shared, plan.presence_enabled).await {
@@ -298,28 +302,30 @@ async fn check(shared: &Shared, request: &AuthzRequest, plan: &Plan) -> Result<C
             }
             Ok(_) => {
                 debug!(topic = %plan.topic, role = %plan.claims.role, "private join refused: no read policy grants broadcast or presence");
-                return Err(authorization::unauthorized(&plan.sub_topic));
+                return Err(Refusal(authorization::unauthorized(&plan.sub_topic)));
             }
             Err(e) => {
                 warn!(topic = %plan.topic, error = ?e, "private join refused: read check failed");
-                return Err(e.join_reason(&plan.sub_topic));
+                return Err(Refusal(e.join_reason(&plan.sub_topic)));
             }
         });
     }
     if let Some((since, limit)) = plan.replay {
         let (Some(since), Some(pg)) = (since, &shared.postgres) else {
-            return Err("UnableToReplayMessages: Replay params are not valid".to_owned());
+            return Err(Refusal(
+                "UnableToReplayMessages: Replay params are not valid".to_owned(),
+            ));
         };
         if checked.read.is_some_and(|(broadcast, _)| !broadcast) {
-            return Err(authorization::unauthorized(&plan.sub_topic));
+            return Err(Refusal(authorization::unauthorized(&plan.sub_topic)));
         }
         checked.replayed = match replay::load(&pg.db, &plan.sub_topic, since, limit).await {
             Ok(rows) => rows,
             Err(e) => {
                 warn!(topic = %plan.topic, error = %e, "replay failed");
-                return Err(
+                return Err(Refusal(
                     "UnableToReplayMessages: Realtime was unable to replay messages".to_owned(),
-                );
+                ));
             }
         };
     }
