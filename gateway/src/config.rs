@@ -129,6 +129,11 @@ pub struct Config {
     #[arg(long, env = "OUTBOX_MAX_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub outbox_max_bytes: usize,
 
+    /// How long the change stream waits for a socket whose outbox is full (a large transaction
+    /// fills healthy sockets faster than they drain) before closing it as a slow consumer.
+    #[arg(long, env = "SLOW_CONSUMER_MS", default_value_t = 5_000)]
+    pub slow_consumer_ms: u64,
+
     /// How long shutdown waits for sockets to close, in ms.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,

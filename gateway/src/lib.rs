@@ -92,6 +92,7 @@ pub async fn run(
                 publication: config.publication.clone(),
                 migrate: !config.disable_migrations,
                 max_record_bytes: config.max_record_bytes,
+                slow_consumer: std::time::Duration::from_millis(config.slow_consumer_ms),
             };
             let pg = changes::start(
                 &settings,

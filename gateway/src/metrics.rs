@@ -57,6 +57,7 @@ pub(crate) struct Metrics {
     pub(crate) visibility_queries: AtomicU64,
     pub(crate) visibility_policy_decisions: AtomicU64,
     pub(crate) db_broadcasts: AtomicU64,
+    pub(crate) wal_backpressure_waits: AtomicU64,
     closes: [AtomicU64; 5],
 }
 
@@ -150,6 +151,11 @@ impl Metrics {
                 "realtime_wal_transactions_total",
                 "Transactions received from the WAL stream.",
                 &self.wal_transactions,
+            ),
+            (
+                "realtime_wal_backpressure_waits_total",
+                "Times the change stream paused for a socket whose outbox was full.",
+                &self.wal_backpressure_waits,
             ),
             (
                 "realtime_wal_redelivered_total",

@@ -105,7 +105,14 @@ pub enum Change {
     },
 }
 
-/// A committed transaction, delivered whole and in commit order.
+/// A committed transaction, or one part of a large one, in commit order.
+///
+/// A transaction with more changes than [`crate::ListenerConfig::chunk_max_changes`] (or more
+/// bytes than `chunk_max_bytes`) arrives in several parts as it is decoded, so it never has to
+/// fit in memory whole: every part has the same `xid`, `commit_lsn` and `commit_time`, `chunk`
+/// counts them from 0, and only the last has `last = true`. Acknowledge a `commit_lsn` only
+/// once its last part is handled. Parts are cut at the same places when a transaction is
+/// streamed again, so `(commit_lsn, chunk)` identifies a part across restarts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
     pub xid: u32,
@@ -118,4 +125,54 @@ pub struct Transaction {
     /// Replication origin, when the transaction was itself replicated from elsewhere.
     pub origin: Option<String>,
     pub changes: Vec<Change>,
+    /// Which part of the transaction this is, from 0.
+    pub chunk: u32,
+    /// Whether this part ends with the commit (a whole transaction is one last part).
+    pub last: bool,
+    /// The bytes this part holds of the listener's queue budget, given back when it is dropped.
+    pub(crate) budget: Budget,
 }
+
+/// A share of the listener's queue budget (`queue_max_bytes`), released on drop. Clones hold
+/// nothing.
+#[derive(Debug, Default)]
+pub(crate) struct Budget(Option<(std::sync::Arc<BudgetPool>, usize)>);
+
+/// Bytes of transactions handed to the consumer and not dropped yet.
+#[derive(Debug, Default)]
+pub(crate) struct BudgetPool {
+    pub(crate) used: std::sync::atomic::AtomicUsize,
+    pub(crate) released: tokio::sync::Notify,
+}
+
+impl Budget {
+    pub(crate) fn take(pool: &std::sync::Arc<BudgetPool>, bytes: usize) -> Budget {
+        pool.used
+            .fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+        Budget(Some((pool.clone(), bytes)))
+    }
+}
+
+impl Drop for Budget {
+    fn drop(&mut self) {
+        if let Some((pool, bytes)) = self.0.take() {
+            pool.used
+                .fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+            pool.released.notify_one();
+        }
+    }
+}
+
+impl Clone for Budget {
+    fn clone(&self) -> Budget {
+        Budget(None)
+    }
+}
+
+impl PartialEq for Budget {
+    fn eq(&self, _: &Budget) -> bool {
+        true
+    }
+}
+
+impl Eq for Budget {}

@@ -182,9 +182,17 @@ pub struct ListenerConfig {
     pub publication: String,
     /// More publications streamed on the same slot (each must exist); empty by default.
     pub additional_publications: Vec<String>,
-    /// Transactions buffered between the listener and its consumer. When full, the listener stops
-    /// reading from Postgres.
+    /// Transactions (or parts) buffered between the listener and its consumer. When full, the
+    /// listener stops reading from Postgres.
     pub queue_capacity: usize,
+    /// Bytes (of pgoutput messages) that transactions handed to the consumer may hold until the
+    /// consumer drops them; past it the listener stops reading from Postgres. One part larger
+    /// than this is still handed on when nothing else is held.
+    pub queue_max_bytes: usize,
+    /// A transaction is handed on in parts of at most this many changes…
+    pub chunk_max_changes: usize,
+    /// …and about this many bytes, so a large one is streamed through, never held whole.
+    pub chunk_max_bytes: usize,
     /// Upper bound between two standby status updates.
     pub status_interval: Duration,
     /// Ask for `pg_logical_emit_message` messages (pgoutput `messages` option, Postgres ≥ 14).
@@ -206,6 +214,9 @@ impl ListenerConfig {
             publication: "supabase_realtime".to_owned(),
             additional_publications: Vec::new(),
             queue_capacity: 1024,
+            queue_max_bytes: 64 << 20,
+            chunk_max_changes: 4096,
+            chunk_max_bytes: 4 << 20,
             status_interval: Duration::from_secs(1),
             messages: false,
             slot_busy_timeout: None,

@@ -2,11 +2,14 @@
 //!
 //! # Delivery and acknowledgement rules
 //!
-//! - Transactions go to the consumer whole, in commit order, through a bounded channel. When it is full
-//!   the listener stops reading the socket (Postgres keeps the WAL); nothing is dropped. While blocked it
-//!   still sends status updates, so the walsender does not time it out.
+//! - Transactions go to the consumer in commit order, through a channel bounded in count
+//!   (`queue_capacity`) and in bytes (`queue_max_bytes`: what the consumer holds until it drops
+//!   them). A large transaction goes in parts as it is decoded (`chunk_max_changes`,
+//!   `chunk_max_bytes`), so it is streamed through, never held whole. When the channel or the budget
+//!   is full the listener stops reading the socket (Postgres keeps the WAL); nothing is dropped.
+//!   While blocked it still sends status updates, so the walsender does not time it out.
 //! - The consumer calls [`AckHandle::ack`] with a transaction's `commit_lsn` once it has handed the
-//!   transaction on. Acks are cumulative: acking a commit LSN acknowledges every transaction before it.
+//!   transaction on (for a transaction in parts: its last part). Acks are cumulative: acking a commit LSN acknowledges every transaction before it.
 //! - The flush position reported to Postgres is the `end_lsn` of the newest acknowledged transaction,
 //!   never more, and it never goes backwards. (The commit record's *end* is reported because logical
 //!   decoding skips a transaction on restart only if its commit LSN is below the confirmed position.)
@@ -46,7 +49,7 @@ use tracing::{debug, info, warn};
 
 use crate::Error;
 use crate::catalog::{self, PgType};
-use crate::change::{Change, Column, Relation, Transaction};
+use crate::change::{Budget, BudgetPool, Change, Column, Relation, Transaction};
 use crate::config::ListenerConfig;
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, PgOutputMessage, PgTimestamp};
@@ -131,6 +134,8 @@ pub struct Listener {
     config: ListenerConfig,
     out: mpsc::Sender<Transaction>,
     shared: Arc<Shared>,
+    /// Bytes held by transactions handed to the consumer.
+    budget: Arc<BudgetPool>,
     types: HashMap<u32, Arc<PgType>>,
 }
 
@@ -162,6 +167,7 @@ impl Listener {
                 config,
                 out,
                 shared,
+                budget: Arc::default(),
                 types: HashMap::new(),
             },
             rx,
@@ -297,6 +303,8 @@ impl Listener {
         let mut st = StreamState {
             relations: HashMap::new(),
             current: None,
+            current_bytes: 0,
+            current_chunk: 0,
             inflight: VecDeque::new(),
             received: Lsn(self.shared.flushed.load(Ordering::Acquire)),
             keepalive_pos: Lsn::ZERO,
@@ -345,8 +353,13 @@ impl Listener {
                             let _wal_end = body.get_u64();
                             let _send_time = body.get_i64();
                             st.received = st.received.max(start);
+                            st.current_bytes += body.len();
                             let msg = pgoutput::decode(body)?;
-                            if let Some(tx) = self.apply(&mut st, admin, msg).await?
+                            let ready = match self.apply(&mut st, admin, msg).await? {
+                                Some(tx) => Some(tx),
+                                None => self.take_part(&mut st),
+                            };
+                            if let Some(tx) = ready
                                 && let Some(end) = self.deliver(conn, &mut st, tx, shutdown).await?
                             {
                                 return Ok(end);
@@ -423,7 +436,11 @@ impl Listener {
                     commit_time: b.commit_time,
                     origin: None,
                     changes: Vec::new(),
+                    chunk: 0,
+                    last: false,
+                    budget: Budget::default(),
                 });
+                st.current_chunk = 0;
             }
             PgOutputMessage::Commit(c) => {
                 let mut tx = st
@@ -433,6 +450,8 @@ impl Listener {
                 tx.commit_lsn = c.commit_lsn;
                 tx.end_lsn = c.end_lsn;
                 tx.commit_time = c.commit_time;
+                tx.chunk = st.current_chunk;
+                tx.last = true;
                 return Ok(Some(tx));
             }
             PgOutputMessage::Origin(o) => {
@@ -524,6 +543,9 @@ impl Listener {
                             commit_time: PgTimestamp::now(),
                             origin: None,
                             changes: vec![change],
+                            chunk: 0,
+                            last: true,
+                            budget: Budget::default(),
                         }));
                     }
                 }
@@ -532,7 +554,32 @@ impl Listener {
         Ok(None)
     }
 
-    /// Hands a transaction to the consumer, waiting for room; keeps status updates flowing meanwhile.
+    /// A part of the transaction being received, when it has grown past the chunk limits: its
+    /// changes so far, handed on before the commit arrives.
+    fn take_part(&self, st: &mut StreamState) -> Option<Transaction> {
+        let tx = st.current.as_mut()?;
+        if tx.changes.len() < self.config.chunk_max_changes.max(1)
+            && st.current_bytes < self.config.chunk_max_bytes
+        {
+            return None;
+        }
+        let part = Transaction {
+            xid: tx.xid,
+            commit_lsn: tx.commit_lsn,
+            end_lsn: tx.commit_lsn,
+            commit_time: tx.commit_time,
+            origin: tx.origin.clone(),
+            changes: std::mem::take(&mut tx.changes),
+            chunk: st.current_chunk,
+            last: false,
+            budget: Budget::default(),
+        };
+        st.current_chunk += 1;
+        Some(part)
+    }
+
+    /// Hands a transaction (or a part) to the consumer, waiting for room in the queue and in the
+    /// byte budget; keeps status updates flowing meanwhile.
     async fn deliver(
         &mut self,
         conn: &mut ReplicationConn,
@@ -540,6 +587,28 @@ impl Listener {
         tx: Transaction,
         shutdown: &CancellationToken,
     ) -> Result<Option<SessionEnd>, Error> {
+        let mut tx = tx;
+        let bytes = std::mem::take(&mut st.current_bytes);
+        // The byte budget: wait until the consumer dropped enough of what it holds (a part
+        // larger than the whole budget goes on alone).
+        loop {
+            let used = self.budget.used.load(Ordering::Acquire);
+            if used == 0 || used + bytes <= self.config.queue_max_bytes {
+                break;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    self.send_status(conn, st, false).await?;
+                    return Ok(Some(SessionEnd::Shutdown));
+                }
+                () = self.budget.released.notified() => {}
+                _ = tokio::time::sleep_until(st.next_status) => {
+                    self.send_status(conn, st, false).await?;
+                }
+            }
+        }
+        tx.budget = Budget::take(&self.budget, bytes);
         // Fast path: room in the queue, no waiting, no timer or cancellation future to set up.
         let permit = match self.out.try_reserve() {
             Ok(permit) => Some(permit),
@@ -563,14 +632,17 @@ impl Listener {
                 }
             }
         };
-        if st.inflight.is_empty() {
+        if st.inflight.is_empty() && tx.chunk == 0 {
             self.shared
                 .oldest_unacked
                 .store(tx.commit_time.0, Ordering::Release);
         }
-        st.inflight
-            .push_back((tx.commit_lsn, tx.end_lsn, tx.commit_time));
-        st.received = st.received.max(tx.end_lsn);
+        // Parts before the last are not acknowledged on their own: the commit is.
+        if tx.last {
+            st.inflight
+                .push_back((tx.commit_lsn, tx.end_lsn, tx.commit_time));
+            st.received = st.received.max(tx.end_lsn);
+        }
         permit.send(tx);
         Ok(None)
     }
@@ -623,6 +695,10 @@ impl Listener {
 struct StreamState {
     relations: HashMap<u32, Arc<Relation>>,
     current: Option<Transaction>,
+    /// Bytes of pgoutput messages received since the last part was handed on.
+    current_bytes: usize,
+    /// The number of the next part of the current transaction.
+    current_chunk: u32,
     /// Delivered, unacknowledged transactions: (commit LSN, end LSN, commit time), in commit order.
     inflight: VecDeque<(Lsn, Lsn, PgTimestamp)>,
     /// Highest WAL position received.

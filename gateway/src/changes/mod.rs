@@ -53,6 +53,7 @@ pub(crate) struct PostgresChanges {
     pub(crate) lag: LagHandle,
     pub(crate) publication: String,
     pub(crate) max_record_bytes: usize,
+    pub(crate) slow_consumer: Duration,
 }
 
 /// A channel's `postgres_changes` entries resolved for its claims, not yet in the index.
@@ -131,6 +132,8 @@ pub(crate) struct Settings {
     pub(crate) publication: String,
     pub(crate) migrate: bool,
     pub(crate) max_record_bytes: usize,
+    /// How long a full outbox may pause the stream.
+    pub(crate) slow_consumer: Duration,
 }
 
 /// Why the Postgres side could not start.
@@ -176,6 +179,7 @@ pub(crate) async fn start(
         lag: listener.lag_handle(),
         publication: settings.publication.clone(),
         max_record_bytes: settings.max_record_bytes,
+        slow_consumer: settings.slow_consumer,
     });
     let listener_shutdown = shutdown.clone();
     tracker.spawn(async move {
@@ -207,12 +211,14 @@ async fn route_loop(
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut last_routed = realtime_wal_listener::Lsn::default();
+    // (commit LSN, part) of the last part routed: parts of a large transaction share its LSN.
+    let mut last_routed = (realtime_wal_listener::Lsn::default(), 0u32);
     let cx = route::Context {
         index: &pg.index,
         registry: &registry,
         db: &pg.db,
         max_record_bytes: pg.max_record_bytes,
+        slow_consumer: pg.slow_consumer,
     };
     loop {
         let more = tokio::select! {
@@ -223,23 +229,27 @@ async fn route_loop(
             break;
         }
         // The stream is at-least-once: after a reconnect, transactions already routed come again
-        // with the same commit LSN. They were delivered once; drop them.
+        // with the same commit LSN (and parts cut at the same places). They were delivered once;
+        // drop them.
         let before = batch.len();
-        batch.retain(|tx| tx.commit_lsn > last_routed);
+        batch.retain(|tx| (tx.commit_lsn, tx.chunk) > last_routed);
         Metrics::add(&metrics.wal_redelivered, (before - batch.len()) as u64);
         if let Some(last) = batch.last() {
-            last_routed = last.commit_lsn;
+            last_routed = (last.commit_lsn, last.chunk);
         }
         let stats = route::route(&cx, &batch).await;
-        Metrics::add(&metrics.wal_transactions, batch.len() as u64);
+        let whole = batch.iter().filter(|tx| tx.last).count();
+        Metrics::add(&metrics.wal_transactions, whole as u64);
+        Metrics::add(&metrics.wal_backpressure_waits, stats.waits);
         Metrics::add(&metrics.wal_changes, stats.changes);
         Metrics::add(&metrics.postgres_changes_out, stats.frames);
         Metrics::add(&metrics.dropped_deliveries, stats.dropped);
         Metrics::add(&metrics.visibility_queries, stats.visibility_queries);
         Metrics::add(&metrics.visibility_policy_decisions, stats.policy_decisions);
         Metrics::add(&metrics.db_broadcasts, stats.db_broadcasts);
-        if let Some(last) = batch.last() {
-            source.delivered(last.commit_lsn);
+        // A transaction counts as delivered with its last part.
+        if let Some(done) = batch.iter().rev().find(|tx| tx.last) {
+            source.delivered(done.commit_lsn);
         }
         batch.clear();
     }

@@ -33,6 +33,8 @@ pub(crate) struct BatchStats {
     /// (viewer, row) visibility decided in process by the row policies.
     pub(crate) policy_decisions: u64,
     pub(crate) db_broadcasts: u64,
+    /// Pushes that waited for a full outbox.
+    pub(crate) waits: u64,
 }
 
 /// A change with the subscriptions whose event and filters it passes.
@@ -50,6 +52,8 @@ pub(crate) struct Context<'a> {
     pub(crate) registry: &'a Registry,
     pub(crate) db: &'a Database,
     pub(crate) max_record_bytes: usize,
+    /// How long a full outbox may pause the stream before its socket is closed as slow.
+    pub(crate) slow_consumer: std::time::Duration,
 }
 
 /// Routes a batch of transactions. Every frame is queued when this returns.
@@ -60,7 +64,7 @@ pub(crate) async fn route(cx: &Context<'_>, batch: &[Transaction]) -> BatchStats
         return stats;
     }
     let visible = visibility_flags(cx.db, &matched, &mut stats).await;
-    deliver(&matched, &visible, cx.max_record_bytes, &mut stats);
+    deliver(cx, &matched, &visible, &mut stats).await;
     stats
 }
 
@@ -363,12 +367,16 @@ type FrameKey = (usize, Vsn, usize, Vec<u32>);
 /// the table's list (`Index::replace` adds them together), so one run of equal members is one
 /// channel: its matching bindings share a frame per shape. Equal frames (same shape, ids,
 /// serializer and topic) are encoded once per change and shared between channels.
-fn deliver(
+///
+/// A full outbox pauses the delivery (and with it the stream) until it has room, for at most
+/// the slow-consumer time; a socket still full then is closed as slow and the rest carry on.
+async fn deliver(
+    cx: &Context<'_>,
     matched: &[Matched<'_>],
     visible: &Visible,
-    max_record_bytes: usize,
     stats: &mut BatchStats,
 ) {
+    let max_record_bytes = cx.max_record_bytes;
     let mut frames: FastMap<FrameKey, Frame> = FastMap::default();
     let mut shapes: Vec<Shape> = Vec::new();
     let mut datas: Vec<Option<String>> = Vec::new();
@@ -439,7 +447,15 @@ fn deliver(
                         ))
                     })
                     .clone();
-                if sub.member.outbox.push(frame) {
+                let queued = match sub.member.outbox.try_push_stream(frame) {
+                    Ok(queued) => queued,
+                    Err(frame) => {
+                        stats.waits += 1;
+                        let deadline = tokio::time::Instant::now() + cx.slow_consumer;
+                        sub.member.outbox.push_within(frame, deadline).await
+                    }
+                };
+                if queued {
                     stats.frames += 1;
                 } else {
                     stats.dropped += 1;
