@@ -145,9 +145,34 @@ async fn hundred_thousand_row_transaction() -> anyhow::Result<()> {
     let mut l = start_ready(config(&db.url, "big")).await?;
     c.batch_execute("INSERT INTO big SELECT i, 'row ' || i FROM generate_series(1, 100000) i")
         .await?;
-    let t = l.next().await?;
-    assert_eq!(t.changes.len(), 100_000);
-    for (i, ch) in t.changes.iter().enumerate() {
+    // Streamed through in parts of at most `chunk_max_changes`, never held whole: the same
+    // commit LSN, parts numbered from 0, only the last one marked.
+    let mut parts = Vec::new();
+    loop {
+        let part = l.next().await?;
+        let last = part.last;
+        parts.push(part);
+        if last {
+            break;
+        }
+    }
+    let max = realtime_wal_listener::ListenerConfig::new(
+        realtime_wal_listener::ConnectConfig::from_url(&db.url)?,
+        "x",
+    )
+    .chunk_max_changes;
+    assert!(parts.len() >= 100_000 / max, "{} parts", parts.len());
+    let t = &parts[0];
+    let mut all = Vec::new();
+    for (n, part) in parts.iter().enumerate() {
+        assert_eq!(part.chunk as usize, n);
+        assert_eq!(part.commit_lsn, t.commit_lsn);
+        assert_eq!(part.xid, t.xid);
+        assert!(part.changes.len() <= max);
+        all.extend(part.changes.iter());
+    }
+    assert_eq!(all.len(), 100_000);
+    for (i, ch) in all.iter().enumerate() {
         let Change::Insert { new, .. } = ch else {
             panic!("not an insert")
         };

@@ -353,7 +353,12 @@ impl Listener {
                             let _wal_end = body.get_u64();
                             let _send_time = body.get_i64();
                             st.received = st.received.max(start);
-                            st.current_bytes += body.len();
+                            // Only changes count towards a part's size, so that a transaction is cut
+                            // at the same places whenever it is streamed (relation messages come
+                            // again in a new session).
+                            if matches!(body.first(), Some(b'I' | b'U' | b'D' | b'T' | b'M')) {
+                                st.current_bytes += body.len();
+                            }
                             let msg = pgoutput::decode(body)?;
                             let ready = match self.apply(&mut st, admin, msg).await? {
                                 Some(tx) => Some(tx),
@@ -441,6 +446,7 @@ impl Listener {
                     budget: Budget::default(),
                 });
                 st.current_chunk = 0;
+                st.current_bytes = 0;
             }
             PgOutputMessage::Commit(c) => {
                 let mut tx = st
