@@ -19,6 +19,8 @@
 
 pub(crate) mod database_broadcast;
 pub(crate) mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub(crate) mod index;
 pub(crate) mod payload;
 pub mod policy;
