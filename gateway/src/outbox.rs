@@ -279,7 +279,13 @@ mod tests {
         assert!(kill.is_cancelled());
         // A marked socket is not waited on again.
         let again = Instant::now();
-        assert!(!tx.push_within(Frame::text("d".into()), again + std::time::Duration::from_secs(5)).await);
+        assert!(
+            !tx.push_within(
+                Frame::text("d".into()),
+                again + std::time::Duration::from_secs(5)
+            )
+            .await
+        );
         assert_eq!(again.elapsed(), std::time::Duration::ZERO);
     }
 

@@ -15,7 +15,9 @@
 //! Every wait has a timeout ([`WAIT`] unless told otherwise). To prove that something did *not*
 //! happen, [`Client::sync`] sends a heartbeat and collects what arrives before its reply: the
 //! gateway handles one socket's frames in order, so anything a push caused is queued before the
-//! heartbeat's reply.
+//! heartbeat's reply — except what waits on the database (a private join, the first broadcast or
+//! track of a private channel, a token refresh, a join with Postgres Changes): the socket answers
+//! heartbeats meanwhile, so wait for those pushes' own frames instead.
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
@@ -815,7 +817,7 @@ impl Client {
 
     /// Sends a heartbeat and returns everything received before its reply. Pushes sent earlier on
     /// this socket were handled before the heartbeat, so whatever they caused for this socket is
-    /// in the result.
+    /// in the result (unless they wait on the database; see the module docs).
     pub async fn sync(&mut self) -> anyhow::Result<Vec<Received>> {
         let hb = self.heartbeat().await?;
         let want = json!(hb);
@@ -867,5 +869,48 @@ impl Client {
             }))
             .await?;
         Ok(())
+    }
+}
+
+impl TestGateway {
+    /// A gateway on `db` (a fresh database of the harness's cluster): Supabase's roles and auth
+    /// helpers applied, then `setup`, then the gateway started with its own slot; returns once
+    /// its `realtime` schema exists and the change stream is live.
+    pub async fn on_database(
+        db: &crate::postgres::TestDb,
+        setup: &str,
+    ) -> anyhow::Result<TestGateway> {
+        const ROLES_AND_AUTH: &str =
+            include_str!("../../supabase/migrations/0001_roles_and_auth.sql");
+        // Roles are the cluster's: tests in one process create them one at a time.
+        static ROLES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let client = db.client().await?;
+        {
+            let _one = ROLES.lock().await;
+            client.batch_execute(ROLES_AND_AUTH).await?;
+        }
+        client.batch_execute(setup).await?;
+        let (url, slot) = (db.url.clone(), format!("gw_{}", db.name));
+        let gw = TestGateway::start_with(|c| {
+            c.database_url = Some(realtime_gateway::Secret::new(url.clone()));
+            c.slot_name = slot.clone();
+        })
+        .await?;
+        crate::postgres::wait_for(Duration::from_secs(15), "the realtime schema", || async {
+            let n: i64 = client
+                .query_one(
+                    "select count(*) from pg_tables where schemaname = 'realtime' and tablename = 'messages'",
+                    &[],
+                )
+                .await?
+                .get(0);
+            Ok((n == 1).then_some(()))
+        })
+        .await?;
+        gw.wait_for_metric("realtime_wal_streaming", Duration::from_secs(20), |v| {
+            v == 1.0
+        })
+        .await?;
+        Ok(gw)
     }
 }

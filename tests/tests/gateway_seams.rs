@@ -2,49 +2,11 @@
 //! database, a join reply always precedes its channel's first change, and a token refresh that
 //! cannot reach the database keeps the subscription that works.
 
-use realtime_gateway::Secret;
 use realtime_protocol::Vsn;
 use realtime_tests::gateway::{Client, Received, TestGateway, now_secs};
-use realtime_tests::postgres::{TestDb, cluster, wait_for};
+use realtime_tests::postgres::cluster;
 use serde_json::json;
 use std::time::{Duration, Instant};
-
-const ROLES_AND_AUTH: &str = include_str!("../../supabase/migrations/0001_roles_and_auth.sql");
-
-/// A fresh database with Supabase's roles, a gateway on it (migrations applied), and `setup`
-/// run once the `realtime` schema exists.
-async fn gateway_on(db: &TestDb, setup: &str) -> anyhow::Result<TestGateway> {
-    let client = db.client().await?;
-    {
-        // Roles are the cluster's: tests in this process create them one at a time.
-        static ROLES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-        let _one = ROLES.lock().await;
-        client.batch_execute(ROLES_AND_AUTH).await?;
-    }
-    client.batch_execute(setup).await?;
-    let (url, slot) = (db.url.clone(), format!("gw_{}", db.name));
-    let gw = TestGateway::start_with(|c| {
-        c.database_url = Some(Secret::new(url.clone()));
-        c.slot_name = slot.clone();
-    })
-    .await?;
-    wait_for(Duration::from_secs(15), "the realtime schema", || async {
-        let n: i64 = client
-            .query_one(
-                "select count(*) from pg_tables where schemaname = 'realtime' and tablename = 'messages'",
-                &[],
-            )
-            .await?
-            .get(0);
-        Ok((n == 1).then_some(()))
-    })
-    .await?;
-    gw.wait_for_metric("realtime_wal_streaming", Duration::from_secs(20), |v| {
-        v == 1.0
-    })
-    .await?;
-    Ok(gw)
-}
 
 fn pg_changes(table: &str) -> serde_json::Value {
     json!({"broadcast": {"ack": false, "self": false}, "presence": {"enabled": false}, "private": false,
@@ -54,7 +16,7 @@ fn pg_changes(table: &str) -> serde_json::Value {
 #[tokio::test]
 async fn heartbeats_are_answered_while_a_join_waits_on_the_database() -> anyhow::Result<()> {
     let db = cluster().await.fresh_database().await?;
-    let gw = gateway_on(&db, "").await?;
+    let gw = TestGateway::on_database(&db, "").await?;
     // A read policy that takes 5 s for the topic `slow`.
     db.client()
         .await?
@@ -124,7 +86,7 @@ async fn heartbeats_are_answered_while_a_join_waits_on_the_database() -> anyhow:
 #[tokio::test]
 async fn the_join_reply_precedes_the_first_change_under_load() -> anyhow::Result<()> {
     let db = cluster().await.fresh_database().await?;
-    let gw = gateway_on(
+    let gw = TestGateway::on_database(
         &db,
         "create table public.items (id bigserial primary key, v int not null);
          grant select on public.items to anon;
@@ -191,7 +153,7 @@ async fn the_join_reply_precedes_the_first_change_under_load() -> anyhow::Result
 #[tokio::test]
 async fn a_refresh_during_a_database_outage_keeps_delivering() -> anyhow::Result<()> {
     let db = cluster().await.fresh_database().await?;
-    let gw = gateway_on(
+    let gw = TestGateway::on_database(
         &db,
         "create table public.items (id bigserial primary key, v int not null);
          grant select on public.items to anon;

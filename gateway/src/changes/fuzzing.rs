@@ -55,7 +55,10 @@ fn evaluate(condition: &Condition, text: &str) {
 /// A policy expression as `pg_get_expr` prints it (from the database): compiled, and decided
 /// for a row and a caller whose values come from the input too.
 pub fn policy(text: &str) {
-    let policies = [(true, Some(text.to_owned())), (false, Some(text.to_owned()))];
+    let policies = [
+        (true, Some(text.to_owned())),
+        (false, Some(text.to_owned())),
+    ];
     for set in [&policies[..1], &policies[1..], &policies[..]] {
         let Some(compiled) = TablePolicies::compile(set) else {
             continue;

@@ -80,7 +80,11 @@ const POLICIES: &str = "select r.role, r.oid, \
                     and (0::oid = any(p.polroles) \
                          or exists (select 1 from unnest(p.polroles) as pr(oid) \
                                      where pr.oid <> 0 and pg_has_role(a.oid, pr.oid, 'USAGE')))), \
-                '[]')::text \
+                '[]')::text, \
+       exists (select 1 from pg_catalog.pg_attribute ca \
+                 join pg_catalog.pg_collation co on co.oid = ca.attcollation \
+                where ca.attrelid = c.oid and ca.attnum > 0 and not ca.attisdropped \
+                  and not co.collisdeterministic) \
   from unnest($1::text[], $2::oid[]) as r(role, oid) \
   join pg_roles a on a.rolname = r.role \
   join pg_class c on c.oid = r.oid \
@@ -146,6 +150,12 @@ pub(crate) async fn row_policies(
         let oid: u32 = row.get(1);
         let list: Vec<(bool, Option<String>)> = serde_json::from_str(row.get::<_, &str>(2))
             .map_err(|e| DbError::Statement(format!("policy list: {e}")))?;
+        // Text compares byte-wise in process, which is Postgres's equality only under a
+        // deterministic collation: a table with a non-deterministic one goes to the SQL check.
+        let nondeterministic: bool = row.get(3);
+        if nondeterministic {
+            continue;
+        }
         if let Some(compiled) = TablePolicies::compile(&list) {
             out.tables.insert((role, oid), compiled);
         }
