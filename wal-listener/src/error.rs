@@ -42,7 +42,11 @@ impl From<&tokio_postgres::error::DbError> for ServerError {
 impl ServerError {
     /// Class 08 (connection exception) and 57P01–57P03 (shutdown, crash, starting up): try again later.
     fn is_transient(&self) -> bool {
-        self.code.starts_with("08") || matches!(self.code.as_str(), "57P01" | "57P02" | "57P03")
+        self.code.starts_with("08")
+            || matches!(self.code.as_str(), "57P01" | "57P02" | "57P03" | "53300")
+            // The database does not accept connections for now (`ALLOW_CONNECTIONS false`, or
+            // being created or dropped): an outage, not a misconfiguration.
+            || (self.code == "55000" && self.message.contains("not currently accepting connections"))
     }
 }
 
@@ -96,7 +100,10 @@ impl Error {
             Error::Admin(e) => match e.as_db_error() {
                 Some(db) => {
                     let code = db.code().code();
-                    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+                    code.starts_with("08")
+                        || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+                        || (code == "55000"
+                            && db.message().contains("not currently accepting connections"))
                 }
                 // Closed connection, i/o, timeouts.
                 None => true,

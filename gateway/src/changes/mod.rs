@@ -53,6 +53,12 @@ pub(crate) struct PostgresChanges {
     pub(crate) db: Arc<Database>,
     pub(crate) index: Index,
     pub(crate) lag: LagHandle,
+    /// Whether the stream is live: one signal every waiting join shares.
+    live: tokio::sync::watch::Receiver<bool>,
+    /// Why the stream stopped for good, once it has.
+    halted: std::sync::Mutex<Option<String>>,
+    /// Since when the stream has not been live (`None` while it is).
+    down_since: std::sync::Mutex<Option<std::time::Instant>>,
     pub(crate) publication: String,
     pub(crate) max_record_bytes: usize,
     pub(crate) slow_consumer: Duration,
@@ -66,16 +72,34 @@ pub(crate) struct Resolved {
 }
 
 impl PostgresChanges {
-    /// Waits until the change stream is live, at most `timeout`.
+    /// Waits until the change stream is live, at most `timeout`. Every waiter shares one
+    /// signal: no query and no timer per waiting channel.
     pub(crate) async fn wait_streaming(&self, timeout: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while !self.lag.is_streaming() {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let mut live = self.live.clone();
+        matches!(
+            tokio::time::timeout(timeout, live.wait_for(|live| *live)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Whether changes can progress, for the readiness probe: `Err` with the reason when the
+    /// stream stopped for good or has not been live for `grace`. Lag alone is no reason.
+    pub(crate) fn readiness(&self, grace: Duration) -> Result<(), String> {
+        if let Some(reason) = lock(&self.halted).clone() {
+            return Err(format!("change stream halted: {reason}"));
         }
-        true
+        match *lock(&self.down_since) {
+            Some(since) if since.elapsed() >= grace => Err(format!(
+                "change stream not live for {} s (database or slot unreachable)",
+                since.elapsed().as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether the stream stopped for good.
+    pub(crate) fn is_halted(&self) -> bool {
+        lock(&self.halted).is_some()
     }
 
     /// Resolves a channel's entries against the publication and the catalog for its claims.
@@ -175,23 +199,30 @@ pub(crate) async fn start(
         transactions,
         ack: listener.ack_handle(),
     };
+    let (live_tx, live) = tokio::sync::watch::channel(false);
     let pg = Arc::new(PostgresChanges {
         db: db.clone(),
         index: Index::default(),
         lag: listener.lag_handle(),
+        live,
+        halted: std::sync::Mutex::new(None),
+        down_since: std::sync::Mutex::new(Some(std::time::Instant::now())),
         publication: settings.publication.clone(),
         max_record_bytes: settings.max_record_bytes,
         slow_consumer: settings.slow_consumer,
     });
     let listener_shutdown = shutdown.clone();
+    let listener_pg = pg.clone();
     tracker.spawn(async move {
         match listener.run(listener_shutdown).await {
             Ok(()) => info!("wal listener stopped"),
             Err(e) => {
-                error!(error = %e, "wal listener stopped: postgres changes are not delivered")
+                error!(error = %e, "wal listener stopped: postgres changes are not delivered");
+                *lock(&listener_pg.halted) = Some(e.to_string());
             }
         }
     });
+    tracker.spawn(watch_live(pg.clone(), live_tx, shutdown.clone()));
     tracker.spawn(route_loop(
         pg.clone(),
         registry,
@@ -203,6 +234,39 @@ pub(crate) async fn start(
         tracker.spawn(janitor::run(db, shutdown));
     }
     Ok(pg)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Turns the listener's streaming flag into the shared signal joins wait on, and keeps the time
+/// since the stream was last live.
+async fn watch_live(
+    pg: Arc<PostgresChanges>,
+    live: tokio::sync::watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = pg.lag.is_streaming();
+        live.send_if_modified(|was| {
+            let changed = *was != now;
+            *was = now;
+            changed
+        });
+        let mut down = lock(&pg.down_since);
+        match (now, *down) {
+            (true, Some(_)) => *down = None,
+            (false, None) => *down = Some(std::time::Instant::now()),
+            _ => {}
+        }
+    }
 }
 
 async fn route_loop(

@@ -254,7 +254,7 @@ impl Channels {
             private: plan.private,
             broadcast_write: None,
             presence_write: None,
-            pg_retry_at: outcome.as_mut().and_then(|o| o.retry_at()),
+            pg_retry: outcome.as_mut().and_then(|o| o.retry()),
         };
         self.by_topic.insert(plan.topic, channel);
     }

@@ -83,7 +83,7 @@ struct Channel {
     broadcast_write: Option<bool>,
     presence_write: Option<bool>,
     /// When to try Postgres Changes again (the database was down, or the stream not live yet).
-    pg_retry_at: Option<Instant>,
+    pg_retry: Option<postgres::PgRetry>,
 }
 
 /// The channels of one socket.
@@ -275,6 +275,10 @@ impl Channels {
     /// Applies a finished job, then the pushes that waited behind it.
     pub(crate) fn finish_job(&mut self, topic: String, step: Step) {
         step(self);
+        if self.work.running(&topic).is_some() {
+            // A background job finished while a blocking one still runs: its pushes wait on.
+            return;
+        }
         for queued in self.work.take_queued(&topic) {
             match queued {
                 Queued::Text(m) => self.dispatch(m),
@@ -370,7 +374,7 @@ impl Channels {
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
         self.by_topic
             .values()
-            .flat_map(|c| std::iter::once(c.expires_at).chain(c.pg_retry_at))
+            .flat_map(|c| std::iter::once(c.expires_at).chain(c.pg_retry.map(|r| r.at)))
             .min()
     }
 

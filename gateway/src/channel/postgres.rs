@@ -3,7 +3,9 @@
 //! retries.
 //!
 //! A subscription that works is only replaced by one that works: when a refresh or a retry
-//! cannot reach the database, the channel keeps what it had and tries again in 5–10 s.
+//! cannot reach the database, the channel keeps what it had and tries again in 5–10 s. A channel
+//! registered while the stream was not live runs no query again: it waits, with every other such
+//! channel, for the one signal that the stream is live, and is then told it is subscribed.
 
 use super::Channels;
 use super::work::{Kind, Step};
@@ -19,6 +21,17 @@ use tokio::time::Instant;
 /// How long a join waits for the change stream to be live before it replies anyway.
 pub(super) const POSTGRES_READY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a channel waits for the stream in one go before it tries again.
+const LIVE_WAIT: Duration = Duration::from_secs(30);
+
+/// A retry that is due at `at`: resolving the entries again (the database was unreachable), or
+/// only waiting for the stream (already registered).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PgRetry {
+    pub(super) at: Instant,
+    resolve: bool,
+}
+
 /// How resolving a channel's Postgres Changes went.
 #[derive(Debug)]
 pub(super) enum PgOutcome {
@@ -33,12 +46,16 @@ pub(super) enum PgOutcome {
 }
 
 impl PgOutcome {
-    pub(super) fn retry_at(&self) -> Option<Instant> {
+    pub(super) fn retry(&self) -> Option<PgRetry> {
         match self {
-            PgOutcome::NotLive => Some(Instant::now() + Duration::from_secs(1)),
-            PgOutcome::Retry(_) => {
-                Some(Instant::now() + Duration::from_millis(5_000 + rand::random::<u64>() % 5_000))
-            }
+            PgOutcome::NotLive => Some(PgRetry {
+                at: Instant::now(),
+                resolve: false,
+            }),
+            PgOutcome::Retry(_) => Some(PgRetry {
+                at: Instant::now() + Duration::from_millis(5_000 + rand::random::<u64>() % 5_000),
+                resolve: true,
+            }),
             PgOutcome::Ready | PgOutcome::Failed(_) => None,
         }
     }
@@ -96,7 +113,7 @@ impl Channels {
         let Some(channel) = self.current(topic, member) else {
             return;
         };
-        channel.pg_retry_at = outcome.retry_at();
+        channel.pg_retry = outcome.retry();
         let member = channel.member.clone();
         match (outcome, resolved) {
             (PgOutcome::Failed(_), _) => pg.index.remove(member.id),
@@ -112,27 +129,42 @@ impl Channels {
         let due: Vec<String> = self
             .by_topic
             .iter()
-            .filter(|(t, c)| {
-                c.pg_retry_at.is_some_and(|at| at <= now) && self.work.running(t).is_none()
-            })
+            .filter(|(t, c)| c.pg_retry.is_some_and(|r| r.at <= now) && !self.work.in_background(t))
             .map(|(t, _)| t.clone())
             .collect();
         for topic in due {
             let Some(channel) = self.by_topic.get_mut(&topic) else {
                 continue;
             };
-            channel.pg_retry_at = None;
+            let Some(retry) = channel.pg_retry.take() else {
+                continue;
+            };
             let (member, claims, entries) = (
                 channel.member.id,
                 channel.claims.clone(),
                 channel.pg_entries.clone(),
             );
             let (join_ref, sub_topic) = (channel.join_ref.clone(), channel.sub_topic.clone());
+            let token = channel.token.clone();
             let shared = self.shared.clone();
             let topic_owned = topic.clone();
-            self.start_job(&topic, Kind::Other, async move {
-                let (outcome, resolved) = resolve(&shared, &claims, &entries, Duration::ZERO).await;
+            self.start_job(&topic, Kind::Background, async move {
+                let (outcome, resolved) = if retry.resolve {
+                    resolve(&shared, &claims, &entries, Duration::ZERO).await
+                } else {
+                    match &shared.postgres {
+                        Some(pg) if pg.wait_streaming(LIVE_WAIT).await => (PgOutcome::Ready, None),
+                        _ => (PgOutcome::NotLive, None),
+                    }
+                };
                 Box::new(move |ch: &mut Channels| {
+                    // A refresh since the retry started has resolved for newer claims.
+                    if !ch
+                        .current(&topic_owned, member)
+                        .is_some_and(|c| c.token == token)
+                    {
+                        return;
+                    }
                     ch.apply_postgres(&topic_owned, member, &outcome, resolved);
                     // Retries are silent until they settle: then the client hears the outcome
                     // once.

@@ -27,6 +27,9 @@ const MAX_QUEUED: usize = 1024;
 pub(crate) enum Kind {
     Join,
     Other,
+    /// Holds up nothing: pushes of its topic do not wait for it (Postgres Changes retries and
+    /// waits for the stream). Its step checks that the channel is still the one it was for.
+    Background,
 }
 
 /// A push that waits for its topic's job.
@@ -77,12 +80,19 @@ impl Work {
         self.queued.len() >= MAX_QUEUED
     }
 
-    /// The kind of job running for `topic`, if one is.
+    /// The kind of job running for `topic` that its pushes wait for, if one is.
     pub(crate) fn running(&self, topic: &str) -> Option<Kind> {
         self.running
             .iter()
-            .find(|r| r.topic == topic)
+            .find(|r| r.topic == topic && r.kind != Kind::Background)
             .map(|r| r.kind)
+    }
+
+    /// Whether a background job runs for `topic`.
+    pub(crate) fn in_background(&self, topic: &str) -> bool {
+        self.running
+            .iter()
+            .any(|r| r.topic == topic && r.kind == Kind::Background)
     }
 
     /// Joins in progress (they count against the channel limit).
@@ -90,9 +100,9 @@ impl Work {
         self.running.iter().filter(|r| r.kind == Kind::Join).count()
     }
 
-    /// Starts a job for `topic`; the caller checked that none runs for it.
+    /// Starts a job for `topic`; the caller checked that none of this kind's blocking runs for it.
     pub(crate) fn start(&mut self, topic: &str, kind: Kind, job: Job) {
-        debug_assert!(self.running(topic).is_none());
+        debug_assert!(kind == Kind::Background || self.running(topic).is_none());
         self.running.push(Running {
             topic: topic.to_owned(),
             kind,
@@ -108,7 +118,8 @@ impl Work {
     /// Drops the job of `topic` (its outcome is never applied) and the pushes that waited
     /// behind it.
     pub(crate) fn cancel(&mut self, topic: &str) {
-        self.running.retain(|r| r.topic != topic);
+        self.running
+            .retain(|r| r.topic != topic || r.kind == Kind::Background);
         self.queued.retain(|q| q.topic() != topic);
     }
 

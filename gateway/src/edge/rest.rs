@@ -40,6 +40,10 @@ pub(crate) fn routes(
     let health = warp::path!("healthcheck")
         .and(warp::get())
         .map(|| "ok".into_response());
+    let ready = warp::path!("ready")
+        .and(warp::get())
+        .and(with_shared.clone())
+        .map(|shared: Arc<Shared>| readiness(&shared));
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(with_shared.clone())
@@ -48,8 +52,10 @@ pub(crate) fn routes(
             if let Some(pg) = &shared.postgres {
                 let lag = pg.lag.lag();
                 let streaming = u8::from(pg.lag.is_streaming());
+                let halted = u8::from(pg.is_halted());
                 text.push_str(&format!(
                     "# HELP realtime_wal_streaming Whether the WAL stream is live.\n# TYPE realtime_wal_streaming gauge\nrealtime_wal_streaming {streaming}\n\
+                     # HELP realtime_wal_halted Whether the WAL stream stopped for good (see the log and /ready).\n# TYPE realtime_wal_halted gauge\nrealtime_wal_halted {halted}\n\
                      # HELP realtime_wal_lag_bytes WAL bytes not yet confirmed to Postgres.\n# TYPE realtime_wal_lag_bytes gauge\nrealtime_wal_lag_bytes {}\n\
                      # HELP realtime_wal_lag_seconds Age of the oldest unacknowledged transaction.\n# TYPE realtime_wal_lag_seconds gauge\nrealtime_wal_lag_seconds {}\n",
                     lag.bytes, lag.seconds
@@ -111,6 +117,8 @@ pub(crate) fn routes(
         ])
         .max_age(86_400);
     health
+        .or(ready)
+        .unify()
         .or(metrics)
         .unify()
         .or(ping)
@@ -123,6 +131,32 @@ pub(crate) fn routes(
         .map(Reply::into_response)
         .recover(rejection)
         .unify()
+}
+
+/// How long the change stream may be down before the readiness probe fails (a reconnect takes
+/// well under this).
+const READINESS_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `GET /ready`: 503 only when changes cannot progress (the stream stopped for good, or the
+/// database or slot has been unreachable for [`READINESS_GRACE`]), never for lag alone.
+/// `/healthcheck` stays the liveness probe.
+fn readiness(shared: &Shared) -> Response {
+    let Some(pg) = &shared.postgres else {
+        return json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "postgres": "off"}),
+        );
+    };
+    match pg.readiness(READINESS_GRACE) {
+        Ok(()) => json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "postgres": "streaming"}),
+        ),
+        Err(reason) => json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "not_ready", "reason": reason}),
+        ),
+    }
 }
 
 async fn rejection(rejection: Rejection) -> Result<Response, Infallible> {
