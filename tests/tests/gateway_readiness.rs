@@ -103,3 +103,89 @@ async fn a_stream_that_stops_for_good_fails_readiness() -> anyhow::Result<()> {
     gw.shutdown(Duration::from_secs(10)).await?;
     Ok(())
 }
+
+/// A slot dropped behind the gateway's back is recreated, and every channel subscribed to
+/// Postgres Changes gets one `system` message saying that changes were lost (status `error`,
+/// the reason first), then changes again.
+#[tokio::test]
+async fn a_lost_slot_is_recreated_and_subscribers_are_told() -> anyhow::Result<()> {
+    use realtime_protocol::Vsn;
+    use realtime_tests::gateway::Received;
+    let db = cluster().await.fresh_database().await?;
+    let gw = TestGateway::on_database(
+        &db,
+        "create table public.items (id bigserial primary key, v int not null);
+         grant select on public.items to anon;
+         alter publication supabase_realtime add table public.items;",
+    )
+    .await?;
+    let mut client = gw.connect(Vsn::V2).await?;
+    let config = serde_json::json!({"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "items"}]});
+    client.join_ok("realtime:lost", config).await?;
+    let own = db.client().await?;
+    let own_pid: i32 = own.query_one("select pg_backend_pid()", &[]).await?.get(0);
+    let admin = connect(&cluster().await.url("postgres")).await?;
+    // Keep the gateway out while the slot is dropped, then let it back in.
+    admin
+        .batch_execute(&format!(
+            "alter database {name} allow_connections false;
+             select pg_terminate_backend(pid) from pg_stat_activity where datname = '{name}' and pid <> {own_pid};",
+            name = db.name
+        ))
+        .await?;
+    let slot = format!("gw_{}", db.name);
+    wait_for(
+        Duration::from_secs(10),
+        "the slot to be dropped",
+        || async {
+            Ok(own
+                .execute("select pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .is_ok()
+                .then_some(()))
+        },
+    )
+    .await?;
+    admin
+        .batch_execute(&format!(
+            "alter database {} allow_connections true",
+            db.name
+        ))
+        .await?;
+    let told = loop {
+        match client.recv_within(Duration::from_secs(20)).await? {
+            Received::Text(t) if t.event == "system" && t.payload["status"] != "ok" => break t,
+            Received::Text(_) => {}
+            other => anyhow::bail!("unexpected frame {other:?}"),
+        }
+    };
+    assert_eq!(told.payload["status"], "error", "{}", told.raw);
+    assert_eq!(told.payload["extension"], "postgres_changes");
+    assert!(
+        told.payload["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ChangesLost: slot_dropped"),
+        "{}",
+        told.raw
+    );
+    assert_eq!(gw.metric("realtime_wal_gaps_total").await?, 1.0);
+    gw.wait_for_metric("realtime_wal_streaming", Duration::from_secs(10), |v| {
+        v == 1.0
+    })
+    .await?;
+    own.execute("insert into public.items (v) values (7)", &[])
+        .await?;
+    loop {
+        match client.recv_within(Duration::from_secs(10)).await? {
+            Received::Text(t) if t.event == "postgres_changes" => {
+                assert_eq!(t.payload["data"]["record"]["v"], 7);
+                break;
+            }
+            Received::Text(_) => {}
+            other => anyhow::bail!("unexpected frame {other:?}"),
+        }
+    }
+    gw.shutdown(Duration::from_secs(10)).await?;
+    Ok(())
+}

@@ -46,3 +46,63 @@ async fn invalidated_slot_is_a_typed_error() -> anyhow::Result<()> {
     assert!(!err.is_retryable());
     Ok(())
 }
+
+/// With `recreate_lost_slot`, an invalidated slot is dropped and created again: streaming goes
+/// on, and the gap is counted with its reason so the consumer can tell its subscribers.
+#[tokio::test]
+async fn invalidated_slot_is_recreated_and_the_gap_counted() -> anyhow::Result<()> {
+    let (db, c) = db().await?;
+    for sql in [
+        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
+        "SELECT pg_reload_conf()",
+        "CREATE TABLE t2 (id int PRIMARY KEY, pad text)",
+    ] {
+        c.batch_execute(sql).await?;
+    }
+    let l = start_ready(config(&db.url, "lost2")).await?;
+    l.stop().await?;
+    wal_common::wait_slot_inactive(&c, "lost2").await?;
+    for i in 0..5 {
+        c.execute("INSERT INTO t2 VALUES ($1, repeat('x', 1000))", &[&i])
+            .await?;
+        c.batch_execute("SELECT pg_switch_wal()").await?;
+    }
+    c.batch_execute("CHECKPOINT").await?;
+    let mut cfg = config(&db.url, "lost2");
+    cfg.recreate_lost_slot = true;
+    let mut l = start_ready(cfg).await?;
+    assert_eq!(l.lag.gaps(), (1, "slot_invalidated"));
+    c.execute("INSERT INTO t2 VALUES (100, 'after')", &[])
+        .await?;
+    let tx = l.next().await?;
+    assert_eq!(tx.changes.len(), 1);
+    l.stop().await
+}
+
+/// A slot dropped behind the listener's back (while it reconnects) is created again and the gap
+/// counted as `slot_dropped`.
+#[tokio::test]
+async fn dropped_slot_is_recreated_and_the_gap_counted() -> anyhow::Result<()> {
+    let (db, c) = db().await?;
+    c.batch_execute("CREATE TABLE t3 (id int PRIMARY KEY)")
+        .await?;
+    let mut cfg = config(&db.url, "gone");
+    // Room to drop the slot between the cut and the reconnect.
+    cfg.backoff_initial = std::time::Duration::from_secs(2);
+    let mut l = start_ready(cfg).await?;
+    c.batch_execute(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = 'gone'",
+    )
+    .await?;
+    wal_common::wait_slot_inactive(&c, "gone").await?;
+    c.batch_execute("SELECT pg_drop_replication_slot('gone')")
+        .await?;
+    realtime_tests::postgres::wait_for(wal_common::WAIT, "the slot recreated", || async {
+        Ok((l.lag.gaps().0 == 1 && l.lag.is_streaming()).then_some(()))
+    })
+    .await?;
+    assert_eq!(l.lag.gaps(), (1, "slot_dropped"));
+    c.execute("INSERT INTO t3 VALUES (1)", &[]).await?;
+    assert_eq!(l.next().await?.changes.len(), 1);
+    l.stop().await
+}

@@ -200,6 +200,11 @@ pub struct ListenerConfig {
     /// Give up with [`crate::Error::SlotActive`] after waiting this long for a slot held by another
     /// process; `None` waits forever.
     pub slot_busy_timeout: Option<Duration>,
+    /// Recreate the slot when Postgres invalidated it (`max_slot_wal_keep_size` exceeded) instead
+    /// of stopping with [`crate::Error::SlotInvalidated`]. Either way changes were lost: the
+    /// listener counts each such gap ([`crate::LagHandle::gaps`]), and so does a slot that
+    /// disappeared after this listener had streamed from it.
+    pub recreate_lost_slot: bool,
     /// First and largest delay between reconnection attempts.
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
@@ -220,6 +225,7 @@ impl ListenerConfig {
             status_interval: Duration::from_secs(1),
             messages: false,
             slot_busy_timeout: None,
+            recreate_lost_slot: false,
             backoff_initial: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
         }

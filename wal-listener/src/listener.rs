@@ -68,7 +68,19 @@ struct Shared {
     oldest_unacked: AtomicI64,
     /// A session is past `START_REPLICATION`.
     streaming: AtomicBool,
+    /// Times the slot was lost (invalidated, or dropped after it had been streamed) and
+    /// recreated: each is a gap in the stream.
+    gaps: AtomicU64,
+    /// Why the last gap happened: `slot_invalidated` or `slot_dropped`.
+    gap_reason: std::sync::Mutex<&'static str>,
+    /// WAL the slot keeps (server position minus `restart_lsn`), and its `wal_status` as the
+    /// index of [`WAL_STATUSES`] (or `u64::MAX` when unknown).
+    retained_bytes: AtomicU64,
+    wal_status: AtomicU64,
 }
+
+/// The values of `pg_replication_slots.wal_status`.
+pub const WAL_STATUSES: [&str; 4] = ["reserved", "extended", "unreserved", "lost"];
 
 /// Acknowledges transactions; cheap to clone and safe to call from any task.
 #[derive(Debug, Clone)]
@@ -111,6 +123,23 @@ impl LagHandle {
         self.0.streaming.load(Ordering::Acquire)
     }
 
+    /// Gaps in the stream so far: the slot was lost and recreated, so changes committed before
+    /// were never streamed. With the reason of the last one.
+    pub fn gaps(&self) -> (u64, &'static str) {
+        let reason = *self.0.gap_reason.lock().unwrap_or_else(|p| p.into_inner());
+        (self.0.gaps.load(Ordering::Acquire), reason)
+    }
+
+    /// WAL the slot retains in bytes, and its `wal_status`, as last read (every 5 s while
+    /// streaming).
+    pub fn retained(&self) -> (u64, Option<&'static str>) {
+        let status = self.0.wal_status.load(Ordering::Acquire);
+        (
+            self.0.retained_bytes.load(Ordering::Acquire),
+            WAL_STATUSES.get(status as usize).copied(),
+        )
+    }
+
     pub fn lag(&self) -> Lag {
         let flushed = self.0.flushed.load(Ordering::Acquire);
         let server = self.0.server_lsn.load(Ordering::Acquire);
@@ -137,6 +166,8 @@ pub struct Listener {
     /// Bytes held by transactions handed to the consumer.
     budget: Arc<BudgetPool>,
     types: HashMap<u32, Arc<PgType>>,
+    /// This listener has streamed from the slot: a missing slot now means it was dropped.
+    streamed_before: bool,
 }
 
 impl std::fmt::Debug for Listener {
@@ -160,6 +191,7 @@ impl Listener {
         let (out, rx) = mpsc::channel(config.queue_capacity.max(1));
         let shared = Arc::new(Shared {
             oldest_unacked: AtomicI64::new(i64::MIN),
+            wal_status: AtomicU64::new(u64::MAX),
             ..Shared::default()
         });
         (
@@ -169,6 +201,7 @@ impl Listener {
                 shared,
                 budget: Arc::default(),
                 types: HashMap::new(),
+                streamed_before: false,
             },
             rx,
         )
@@ -236,9 +269,23 @@ impl Listener {
             other => other,
         };
         let admin = catalog::connect(&cfg.connect).await.map_err(map_err)?;
-        let state = catalog::preflight(&admin, user, slot, publication)
-            .await
-            .map_err(map_err)?;
+        let mut gap = None;
+        let state = match catalog::preflight(&admin, user, slot, publication).await {
+            Err(Error::SlotInvalidated { .. }) if cfg.recreate_lost_slot => {
+                warn!(slot = %slot, "replication slot invalidated by Postgres: recreating it; changes since it was lost are gone");
+                admin
+                    .execute("SELECT pg_drop_replication_slot($1)", &[slot])
+                    .await
+                    .map_err(|e| map_err(Error::Admin(e)))?;
+                gap = Some("slot_invalidated");
+                None
+            }
+            other => other.map_err(map_err)?,
+        };
+        if state.is_none() && gap.is_none() && self.streamed_before {
+            warn!(slot = %slot, "replication slot disappeared: recreating it; changes since it was dropped are gone");
+            gap = Some("slot_dropped");
+        }
         for extra in &cfg.additional_publications {
             catalog::check_publication(&admin, extra).await?;
         }
@@ -255,6 +302,14 @@ impl Listener {
                 // Created concurrently by someone else: use it.
                 Err(Error::Server(e)) if e.code == "42710" => {}
                 Err(e) => return Err(map_err(e)),
+            }
+            if let Some(reason) = gap {
+                *self
+                    .shared
+                    .gap_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = reason;
+                self.shared.gaps.fetch_add(1, Ordering::AcqRel);
             }
         }
         let mut options = format!(
@@ -276,11 +331,16 @@ impl Listener {
         );
         conn.start_replication(&sql).await.map_err(map_err)?;
         *streamed = true;
+        self.streamed_before = true;
         info!(slot = %slot, publication = %publication, "streaming");
 
         // Keep the server's WAL position fresh for the lag metric.
         let admin = Arc::new(admin);
-        let poller = tokio::spawn(poll_server_lsn(admin.clone(), self.shared.clone()));
+        let poller = tokio::spawn(poll_server_lsn(
+            admin.clone(),
+            self.shared.clone(),
+            slot.clone(),
+        ));
         self.shared.streaming.store(true, Ordering::Release);
         let result = self
             .stream(&mut conn, &admin, shutdown)
@@ -715,18 +775,32 @@ struct StreamState {
     next_status: Instant,
 }
 
-async fn poll_server_lsn(admin: Arc<tokio_postgres::Client>, shared: Arc<Shared>) {
+async fn poll_server_lsn(admin: Arc<tokio_postgres::Client>, shared: Arc<Shared>, slot: String) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tick.tick().await;
         match admin
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .query_one(
+                "SELECT pg_current_wal_lsn()::text, \
+                        (SELECT (pg_current_wal_lsn() - restart_lsn)::int8 FROM pg_replication_slots WHERE slot_name = $1), \
+                        (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
             .await
         {
             Ok(row) => {
                 if let Ok(lsn) = row.get::<_, String>(0).parse::<Lsn>() {
                     shared.server_lsn.fetch_max(lsn.0, Ordering::AcqRel);
                 }
+                let retained: Option<i64> = row.get(1);
+                shared
+                    .retained_bytes
+                    .store(retained.unwrap_or(0).max(0) as u64, Ordering::Release);
+                let status: Option<String> = row.get(2);
+                let index = status
+                    .and_then(|s| WAL_STATUSES.iter().position(|w| *w == s))
+                    .map_or(u64::MAX, |i| i as u64);
+                shared.wal_status.store(index, Ordering::Release);
             }
             Err(_) => return,
         }

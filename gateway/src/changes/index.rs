@@ -128,6 +128,19 @@ impl Index {
         self.replace(member, Vec::new());
     }
 
+    /// Every channel with a subscription, once each.
+    pub(crate) fn members(&self) -> Vec<Arc<Member>> {
+        let tables = self.tables.read().unwrap_or_else(|p| p.into_inner());
+        let mut seen = std::collections::HashSet::new();
+        tables
+            .by_table
+            .values()
+            .flat_map(|subs| subs.iter())
+            .filter(|s| seen.insert(s.member.id))
+            .map(|s| s.member.clone())
+            .collect()
+    }
+
     pub(crate) fn snapshot(&self, oid: u32) -> Option<TableSubs> {
         self.tables
             .read()

@@ -194,6 +194,9 @@ pub(crate) async fn start(
     let mut listener_config = ListenerConfig::new(connect, settings.slot.clone());
     listener_config.publication = settings.publication.clone();
     listener_config.additional_publications = vec![migrations::MESSAGES_PUBLICATION.to_owned()];
+    // A slot Postgres invalidated (past `max_slot_wal_keep_size`) is recreated, and subscribers
+    // are told that changes were lost.
+    listener_config.recreate_lost_slot = true;
     let (listener, transactions) = Listener::new(listener_config);
     let source = WalSource {
         transactions,
@@ -240,8 +243,8 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Turns the listener's streaming flag into the shared signal joins wait on, and keeps the time
-/// since the stream was last live.
+/// Turns the listener's streaming flag into the shared signal joins wait on, keeps the time
+/// since the stream was last live, and tells subscribers about gaps.
 async fn watch_live(
     pg: Arc<PostgresChanges>,
     live: tokio::sync::watch::Sender<bool>,
@@ -249,6 +252,7 @@ async fn watch_live(
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut told_gaps = pg.lag.gaps().0;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -260,12 +264,47 @@ async fn watch_live(
             *was = now;
             changed
         });
-        let mut down = lock(&pg.down_since);
-        match (now, *down) {
-            (true, Some(_)) => *down = None,
-            (false, None) => *down = Some(std::time::Instant::now()),
-            _ => {}
+        {
+            let mut down = lock(&pg.down_since);
+            match (now, *down) {
+                (true, Some(_)) => *down = None,
+                (false, None) => *down = Some(std::time::Instant::now()),
+                _ => {}
+            }
         }
+        let (gaps, reason) = pg.lag.gaps();
+        if gaps > told_gaps {
+            told_gaps = gaps;
+            tell_changes_lost(&pg, reason);
+        }
+    }
+}
+
+/// Tells every channel subscribed to Postgres Changes, with one `system` message, that changes
+/// were lost (the slot was recreated), so an app knows to refetch: status `error`, and a message
+/// that starts with the machine-readable reason (`ChangesLost: slot_invalidated: …`).
+fn tell_changes_lost(pg: &PostgresChanges, reason: &str) {
+    let members = pg.index.members();
+    warn!(
+        reason,
+        channels = members.len(),
+        "the replication slot was lost and recreated: telling subscribers that changes were lost"
+    );
+    let message = format!(
+        "ChangesLost: {reason}: the replication slot was lost and recreated; changes committed \
+         meanwhile were not delivered, refetch"
+    );
+    for member in members {
+        let topic = member.topic();
+        let sub_topic = topic.strip_prefix("realtime:").unwrap_or(topic);
+        let body = realtime_protocol::payload::system(
+            "postgres_changes",
+            false,
+            &message,
+            Some(sub_topic),
+        );
+        let frame = member.vsn.encode(None, None, topic, "system", &body);
+        member.outbox.push(crate::outbox::Frame::text(frame));
     }
 }
 

@@ -48,19 +48,7 @@ pub(crate) fn routes(
         .and(warp::get())
         .and(with_shared.clone())
         .map(|shared: Arc<Shared>| {
-            let mut text = shared.metrics.render();
-            if let Some(pg) = &shared.postgres {
-                let lag = pg.lag.lag();
-                let streaming = u8::from(pg.lag.is_streaming());
-                let halted = u8::from(pg.is_halted());
-                text.push_str(&format!(
-                    "# HELP realtime_wal_streaming Whether the WAL stream is live.\n# TYPE realtime_wal_streaming gauge\nrealtime_wal_streaming {streaming}\n\
-                     # HELP realtime_wal_halted Whether the WAL stream stopped for good (see the log and /ready).\n# TYPE realtime_wal_halted gauge\nrealtime_wal_halted {halted}\n\
-                     # HELP realtime_wal_lag_bytes WAL bytes not yet confirmed to Postgres.\n# TYPE realtime_wal_lag_bytes gauge\nrealtime_wal_lag_bytes {}\n\
-                     # HELP realtime_wal_lag_seconds Age of the oldest unacknowledged transaction.\n# TYPE realtime_wal_lag_seconds gauge\nrealtime_wal_lag_seconds {}\n",
-                    lag.bytes, lag.seconds
-                ));
-            }
+            let text = render_metrics(&shared);
             let mut r = text.into_response();
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -131,6 +119,36 @@ pub(crate) fn routes(
         .map(Reply::into_response)
         .recover(rejection)
         .unify()
+}
+
+/// The Prometheus text: the counters, and the change stream's and the slot's state.
+fn render_metrics(shared: &Shared) -> String {
+    let mut text = shared.metrics.render();
+    if let Some(pg) = &shared.postgres {
+        let lag = pg.lag.lag();
+        let streaming = u8::from(pg.lag.is_streaming());
+        let halted = u8::from(pg.is_halted());
+        let (gaps, _) = pg.lag.gaps();
+        let (retained, status) = pg.lag.retained();
+        let mut statuses = String::new();
+        for s in realtime_wal_listener::listener::WAL_STATUSES {
+            statuses.push_str(&format!(
+                "realtime_wal_slot_status{{status=\"{s}\"}} {}\n",
+                u8::from(status == Some(s))
+            ));
+        }
+        text.push_str(&format!(
+            "# HELP realtime_wal_streaming Whether the WAL stream is live.\n# TYPE realtime_wal_streaming gauge\nrealtime_wal_streaming {streaming}\n\
+             # HELP realtime_wal_halted Whether the WAL stream stopped for good (see the log and /ready).\n# TYPE realtime_wal_halted gauge\nrealtime_wal_halted {halted}\n\
+             # HELP realtime_wal_gaps_total Times the replication slot was lost and recreated (changes lost; subscribers were told).\n# TYPE realtime_wal_gaps_total counter\nrealtime_wal_gaps_total {gaps}\n\
+             # HELP realtime_wal_slot_retained_bytes WAL the replication slot keeps on the server.\n# TYPE realtime_wal_slot_retained_bytes gauge\nrealtime_wal_slot_retained_bytes {retained}\n\
+             # HELP realtime_wal_slot_status The slot's wal_status (lost: invalidated).\n# TYPE realtime_wal_slot_status gauge\n{statuses}\
+             # HELP realtime_wal_lag_bytes WAL bytes not yet confirmed to Postgres.\n# TYPE realtime_wal_lag_bytes gauge\nrealtime_wal_lag_bytes {}\n\
+             # HELP realtime_wal_lag_seconds Age of the oldest unacknowledged transaction.\n# TYPE realtime_wal_lag_seconds gauge\nrealtime_wal_lag_seconds {}\n",
+            lag.bytes, lag.seconds
+        ));
+    }
+    text
 }
 
 /// How long the change stream may be down before the readiness probe fails (a reconnect takes
