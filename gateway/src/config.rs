@@ -134,6 +134,17 @@ pub struct Config {
     #[arg(long, env = "SLOW_CONSUMER_MS", default_value_t = 5_000)]
     pub slow_consumer_ms: u64,
 
+    /// A DELETE of an RLS table whose old row the gateway does not know (the table does not
+    /// have REPLICA IDENTITY FULL, and the row was not seen since start): `reference` sends it
+    /// to every subscriber with the primary key only, as Supabase Realtime does; `withhold`
+    /// sends it to nobody.
+    #[arg(long, env = "DELETE_UNKNOWN", value_enum, default_value = "reference")]
+    pub delete_unknown: crate::changes::deletes::DeleteUnknown,
+
+    /// Bytes of rows of RLS tables remembered for DELETEs that carry only the key.
+    #[arg(long, env = "DELETE_MEMORY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub delete_memory_bytes: usize,
+
     /// How long shutdown waits for sockets to close, in ms.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,

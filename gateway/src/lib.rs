@@ -93,6 +93,8 @@ pub async fn run(
                 migrate: !config.disable_migrations,
                 max_record_bytes: config.max_record_bytes,
                 slow_consumer: std::time::Duration::from_millis(config.slow_consumer_ms),
+                delete_memory_bytes: config.delete_memory_bytes,
+                delete_unknown: config.delete_unknown,
             };
             let pg = changes::start(
                 &settings,

@@ -58,6 +58,7 @@ pub(crate) struct Metrics {
     pub(crate) visibility_policy_decisions: AtomicU64,
     pub(crate) db_broadcasts: AtomicU64,
     pub(crate) wal_backpressure_waits: AtomicU64,
+    pub(crate) deletes_unknown: AtomicU64,
     closes: [AtomicU64; 5],
 }
 
@@ -151,6 +152,11 @@ impl Metrics {
                 "realtime_wal_transactions_total",
                 "Transactions received from the WAL stream.",
                 &self.wal_transactions,
+            ),
+            (
+                "realtime_deletes_unknown_total",
+                "DELETEs of RLS tables whose old row was not known (DELETE_UNKNOWN decided who got them).",
+                &self.deletes_unknown,
             ),
             (
                 "realtime_wal_backpressure_waits_total",

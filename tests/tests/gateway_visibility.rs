@@ -90,3 +90,93 @@ async fn expect_no_more_changes(client: &mut Client) -> anyhow::Result<()> {
         Ok(other) => anyhow::bail!("unexpected: {other:?}"),
     }
 }
+
+/// DELETEs of a table whose policy reads a membership table (the SQL check): judged in SQL on
+/// the old row, rebuilt from the WAL (`REPLICA IDENTITY FULL`) or from the gateway's memory
+/// (default identity). Each member gets the deletes of its own room only, with the old record.
+#[tokio::test]
+async fn deletes_under_a_membership_policy_reach_the_members_only() -> anyhow::Result<()> {
+    let db = cluster().await.fresh_database().await?;
+    let gw = TestGateway::on_database(
+        &db,
+        "create table public.members (room int not null, user_id uuid not null, primary key (room, user_id));
+         create table public.chats (id int primary key, room int not null, body text);
+         create table public.chats_full (id int primary key, room int not null, body text);
+         alter table public.chats_full replica identity full;
+         alter table public.chats enable row level security;
+         alter table public.chats_full enable row level security;
+         create policy member_reads on public.chats for select to authenticated using
+           (exists (select 1 from public.members m where m.room = chats.room and m.user_id = auth.uid()));
+         create policy member_reads on public.chats_full for select to authenticated using
+           (exists (select 1 from public.members m where m.room = chats_full.room and m.user_id = auth.uid()));
+         grant select on public.members, public.chats, public.chats_full to authenticated;
+         alter publication supabase_realtime add table public.chats, public.chats_full;",
+    )
+    .await?;
+    let users = [
+        "5b1d2a7e-0000-4000-8000-000000000001",
+        "5b1d2a7e-0000-4000-8000-000000000002",
+    ];
+    let admin = db.client().await?;
+    for (room, user) in users.iter().enumerate() {
+        admin
+            .execute(
+                "insert into public.members values ($1, $2::text::uuid)",
+                &[&(room as i32 + 1), user],
+            )
+            .await?;
+    }
+    let mut clients = Vec::new();
+    for user in users {
+        let token = gw
+            .tokens()
+            .custom(&json!({"role": "authenticated", "sub": user, "exp": now_secs() + 600}));
+        let mut client = gw.connect_with_key(Vsn::V2, &token).await?;
+        let config = json!({"postgres_changes": [
+            {"event": "DELETE", "schema": "public", "table": "chats"},
+            {"event": "DELETE", "schema": "public", "table": "chats_full"}]});
+        client.join_ok(&format!("realtime:{user}"), config).await?;
+        clients.push(client);
+    }
+    // Rows 1 (room 1) and 2 (room 2) in both tables, inserted while subscribed, then deleted.
+    admin
+        .batch_execute(
+            "insert into public.chats values (1, 1, 'one'), (2, 2, 'two');
+             insert into public.chats_full values (1, 1, 'one'), (2, 2, 'two');
+             delete from public.chats;
+             delete from public.chats_full;",
+        )
+        .await?;
+    for (n, client) in clients.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match client.recv_within(Duration::from_secs(15)).await? {
+                Received::Text(t) if t.event == "postgres_changes" => {
+                    let data = &t.payload["data"];
+                    got.push((
+                        data["table"].as_str().unwrap_or("").to_owned(),
+                        data["old_record"].clone(),
+                    ));
+                }
+                Received::Text(_) => {}
+                other => anyhow::bail!("unexpected frame {other:?}"),
+            }
+        }
+        got.sort_by(|a, b| a.0.cmp(&b.0));
+        let room = n as i64 + 1;
+        let body = if room == 1 { "one" } else { "two" };
+        let old = json!({"id": room, "room": room, "body": body});
+        assert_eq!(
+            got,
+            vec![
+                ("chats".to_owned(), old.clone()),
+                ("chats_full".to_owned(), old)
+            ],
+            "user {n}"
+        );
+        expect_no_more_changes(client).await?;
+    }
+    assert_eq!(gw.metric("realtime_deletes_unknown_total").await?, 0.0);
+    gw.shutdown(Duration::from_secs(10)).await?;
+    Ok(())
+}

@@ -24,6 +24,19 @@ pub struct PgType {
     pub(crate) delimiter: u8,
 }
 
+impl PgType {
+    /// A type as the catalog would describe it, with `,` as the array delimiter (every built-in
+    /// type but `box`): for consumers' tests that build relations by hand.
+    pub fn new(oid: u32, name: impl Into<String>, kind: crate::value::ValueKind) -> PgType {
+        PgType {
+            oid,
+            name: name.into(),
+            kind,
+            delimiter: b',',
+        }
+    }
+}
+
 /// Opens an admin connection; its driver runs on a spawned task that ends with the client.
 pub async fn connect(cfg: &ConnectConfig) -> Result<Client, Error> {
     let stream = transport::connect(cfg).await?;

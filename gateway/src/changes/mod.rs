@@ -18,6 +18,7 @@
 //! wait (slow sockets are closed, see `outbox`), so a slow client never stalls the stream.
 
 pub(crate) mod database_broadcast;
+pub mod deletes;
 pub(crate) mod filter;
 #[doc(hidden)]
 pub mod fuzzing;
@@ -62,6 +63,9 @@ pub(crate) struct PostgresChanges {
     pub(crate) publication: String,
     pub(crate) max_record_bytes: usize,
     pub(crate) slow_consumer: Duration,
+    /// Rows of RLS tables as last seen, for DELETEs with the key only.
+    pub(crate) deletes: deletes::RowMemory,
+    pub(crate) delete_unknown: deletes::DeleteUnknown,
 }
 
 /// A channel's `postgres_changes` entries resolved for its claims, not yet in the index.
@@ -160,6 +164,8 @@ pub(crate) struct Settings {
     pub(crate) max_record_bytes: usize,
     /// How long a full outbox may pause the stream.
     pub(crate) slow_consumer: Duration,
+    pub(crate) delete_memory_bytes: usize,
+    pub(crate) delete_unknown: deletes::DeleteUnknown,
 }
 
 /// Why the Postgres side could not start.
@@ -213,6 +219,8 @@ pub(crate) async fn start(
         publication: settings.publication.clone(),
         max_record_bytes: settings.max_record_bytes,
         slow_consumer: settings.slow_consumer,
+        deletes: deletes::RowMemory::new(settings.delete_memory_bytes),
+        delete_unknown: settings.delete_unknown,
     });
     let listener_shutdown = shutdown.clone();
     let listener_pg = pg.clone();
@@ -324,6 +332,8 @@ async fn route_loop(
         db: &pg.db,
         max_record_bytes: pg.max_record_bytes,
         slow_consumer: pg.slow_consumer,
+        deletes: &pg.deletes,
+        delete_unknown: pg.delete_unknown,
     };
     loop {
         let more = tokio::select! {
@@ -346,6 +356,7 @@ async fn route_loop(
         let whole = batch.iter().filter(|tx| tx.last).count();
         Metrics::add(&metrics.wal_transactions, whole as u64);
         Metrics::add(&metrics.wal_backpressure_waits, stats.waits);
+        Metrics::add(&metrics.deletes_unknown, stats.deletes_unknown);
         Metrics::add(&metrics.wal_changes, stats.changes);
         Metrics::add(&metrics.postgres_changes_out, stats.frames);
         Metrics::add(&metrics.dropped_deliveries, stats.dropped);

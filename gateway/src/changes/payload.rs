@@ -99,10 +99,16 @@ pub(crate) fn write_message(out: &mut String, ids: &[u32], data: &str) {
 }
 
 /// The `data` object of one change for one shape.
+///
+/// `old_row` is the whole old row of a DELETE of an RLS table whose visibility was judged on it
+/// (from the WAL with `REPLICA IDENTITY FULL`, or remembered): those who get the change get the
+/// old record, in the columns their shape delivers. Without it such a DELETE carries the
+/// primary key only, as the reference's does.
 pub(crate) fn data(
     shape: &Shape,
     relation: &Relation,
     change: &Change,
+    old_row: Option<&Tuple>,
     commit_micros: i64,
     max_record_bytes: usize,
 ) -> String {
@@ -163,6 +169,7 @@ pub(crate) fn data(
     // DELETE on an RLS table: only primary-key columns leave (deletes cannot be RLS-checked).
     let pk_only_old = kind == "DELETE" && spec.rls;
     let old_tuple: Option<(&Tuple, Columns)> = match (kind, old) {
+        ("DELETE", _) if spec.rls && old_row.is_some() => old_row.map(|t| (t, Columns::All)),
         (_, Some(_)) if pk_only_old => old.map(|o| (o.tuple(), Columns::PrimaryKey)),
         (_, Some(OldTuple::Key(t))) => Some((t, Columns::Identity)),
         (_, Some(OldTuple::Full(t))) => Some((t, Columns::All)),

@@ -8,6 +8,7 @@
 //! acknowledges the batch's last LSN afterwards.
 
 use super::database_broadcast;
+use super::deletes::{DeleteUnknown, RowMemory};
 use super::index::{Index, Subscription};
 use super::payload::{self, Shape};
 use super::policy::{self, Undecided};
@@ -18,7 +19,7 @@ use crate::outbox::Frame;
 use crate::topics::Registry;
 use futures_util::StreamExt;
 use realtime_protocol::Vsn;
-use realtime_wal_listener::{Change, OldTuple, Relation, Transaction, TupleValue};
+use realtime_wal_listener::{Change, OldTuple, Relation, Transaction, Tuple, TupleValue};
 use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::{debug, warn};
@@ -35,6 +36,8 @@ pub(crate) struct BatchStats {
     pub(crate) db_broadcasts: u64,
     /// Pushes that waited for a full outbox.
     pub(crate) waits: u64,
+    /// DELETEs of RLS tables whose old row was not known (`DELETE_UNKNOWN` decided).
+    pub(crate) deletes_unknown: u64,
 }
 
 /// A change with the subscriptions whose event and filters it passes.
@@ -44,6 +47,30 @@ struct Matched<'a> {
     relation: &'a Arc<Relation>,
     change: &'a Change,
     subs: Vec<Arc<Subscription>>,
+    /// For a DELETE of an RLS table: the old row its visibility is judged on.
+    old_row: OldRow<'a>,
+}
+
+/// The old row of a DELETE of an RLS table.
+enum OldRow<'a> {
+    /// Not such a DELETE.
+    NotNeeded,
+    /// From the WAL (`REPLICA IDENTITY FULL`).
+    Wal(&'a Tuple),
+    /// Remembered from the stream.
+    Remembered(Tuple),
+    /// Not known: `DELETE_UNKNOWN` decides.
+    Unknown,
+}
+
+impl OldRow<'_> {
+    fn tuple(&self) -> Option<&Tuple> {
+        match self {
+            OldRow::Wal(t) => Some(t),
+            OldRow::Remembered(t) => Some(t),
+            OldRow::NotNeeded | OldRow::Unknown => None,
+        }
+    }
 }
 
 /// What the batch path needs besides the batch.
@@ -54,6 +81,9 @@ pub(crate) struct Context<'a> {
     pub(crate) max_record_bytes: usize,
     /// How long a full outbox may pause the stream before its socket is closed as slow.
     pub(crate) slow_consumer: std::time::Duration,
+    /// Rows of RLS tables as last seen, for DELETEs that carry only the key.
+    pub(crate) deletes: &'a RowMemory,
+    pub(crate) delete_unknown: DeleteUnknown,
 }
 
 /// Routes a batch of transactions. Every frame is queued when this returns.
@@ -64,6 +94,10 @@ pub(crate) async fn route(cx: &Context<'_>, batch: &[Transaction]) -> BatchStats
         return stats;
     }
     let visible = visibility_flags(cx.db, &matched, &mut stats).await;
+    stats.deletes_unknown = matched
+        .iter()
+        .filter(|m| matches!(m.old_row, OldRow::Unknown))
+        .count() as u64;
     deliver(cx, &matched, &visible, &mut stats).await;
     stats
 }
@@ -96,6 +130,7 @@ fn matching<'a>(
             let Some(subs) = cx.index.snapshot(relation.id) else {
                 continue;
             };
+            let old_row = old_row(cx.deletes, &subs, relation, change);
             let passing: Vec<_> = subs
                 .iter()
                 .filter(|s| passes(&s.binding, relation, change))
@@ -108,11 +143,54 @@ fn matching<'a>(
                     relation,
                     change,
                     subs: passing,
+                    old_row,
                 });
             }
         }
     }
     matched
+}
+
+/// Keeps the row memory of an RLS table up to date, and finds a DELETE's old row.
+fn old_row<'a>(
+    memory: &RowMemory,
+    subs: &[Arc<Subscription>],
+    relation: &Relation,
+    change: &'a Change,
+) -> OldRow<'a> {
+    if !subs.first().is_some_and(|s| s.binding.access.rls) {
+        return OldRow::NotNeeded;
+    }
+    match change {
+        Change::Insert { new, .. } => {
+            memory.remember(relation, new, None);
+            OldRow::NotNeeded
+        }
+        Change::Update { new, old, .. } => {
+            let full = match old {
+                Some(OldTuple::Full(t)) => Some(t),
+                // The key changed: the row under the old key is gone.
+                Some(OldTuple::Key(t)) => {
+                    memory.take(relation, t);
+                    None
+                }
+                None => None,
+            };
+            memory.remember(relation, new, full);
+            OldRow::NotNeeded
+        }
+        Change::Delete {
+            old: Some(OldTuple::Full(t)),
+            ..
+        } => OldRow::Wal(t),
+        Change::Delete {
+            old: Some(OldTuple::Key(t)),
+            ..
+        } => memory
+            .take(relation, t)
+            .map_or(OldRow::Unknown, OldRow::Remembered),
+        _ => OldRow::Unknown,
+    }
 }
 
 /// The rows of one table to check for one viewer: (viewer, table, indexes into the matched
@@ -141,7 +219,7 @@ async fn visibility_flags(
     let pks: Vec<Option<Vec<String>>> = matched.iter().map(rls_key).collect();
     let mut checks: FastMap<CheckKey, PendingCheck> = FastMap::default();
     for (index, m) in matched.iter().enumerate() {
-        if pks[index].is_none() {
+        if pks[index].is_none() && m.old_row.tuple().is_none() {
             continue;
         }
         for sub in &m.subs {
@@ -160,7 +238,15 @@ async fn visibility_flags(
     if checks.is_empty() {
         return visible;
     }
-    let residual = decide_in_process(db, matched, checks, &mut visible, stats).await;
+    let (residual, old_rows) = decide_in_process(db, matched, checks, &mut visible, stats).await;
+    for (key, seen) in old_rows {
+        let flags = visible
+            .entry(key)
+            .or_insert_with(|| vec![false; matched.len()]);
+        for (index, seen) in seen {
+            flags[index] = seen;
+        }
+    }
     if residual.is_empty() {
         return visible;
     }
@@ -177,14 +263,16 @@ async fn visibility_flags(
     visible
 }
 
-/// Decides what the row policies can decide in process; returns the checks left for SQL.
+/// Decides what the row policies can decide in process; returns the new rows left for the SQL
+/// check, and the answers for the old rows of DELETEs left undecided (checked in SQL here, on
+/// the rows rebuilt from their values).
 async fn decide_in_process(
     db: &Database,
     matched: &[Matched<'_>],
     checks: FastMap<CheckKey, PendingCheck>,
     visible: &mut Visible,
     stats: &mut BatchStats,
-) -> Vec<(CheckKey, PendingCheck)> {
+) -> (Vec<(CheckKey, PendingCheck)>, Vec<CheckedRows>) {
     let mut pairs: Vec<(String, u32)> = checks
         .values()
         .map(|(viewer, access, _)| (viewer.role.clone(), access.oid))
@@ -199,6 +287,7 @@ async fn decide_in_process(
         }
     };
     let mut residual = Vec::new();
+    let mut old_rows = Vec::new();
     for (key, (viewer, access, rows)) in checks {
         let compiled = policies.tables.get(&(viewer.role.clone(), access.oid));
         let caller = compiled.map(|_| viewer.caller(&policies.functions));
@@ -206,17 +295,19 @@ async fn decide_in_process(
             .entry(key)
             .or_insert_with(|| vec![false; matched.len()]);
         let mut undecided = Vec::new();
+        let mut undecided_old = Vec::new();
         for index in rows {
             let m = &matched[index];
-            let decision = match (compiled, &caller, m.change) {
-                (
-                    Some(compiled),
-                    Some(caller),
-                    Change::Insert { new, .. } | Change::Update { new, .. },
-                ) => compiled.decide(
+            let (tuple, old) = match (m.change, m.old_row.tuple()) {
+                (Change::Insert { new, .. } | Change::Update { new, .. }, _) => (new, false),
+                (Change::Delete { .. }, Some(old)) => (old, true),
+                _ => continue,
+            };
+            let decision = match (compiled, &caller) {
+                (Some(compiled), Some(caller)) => compiled.decide(
                     &WalRow {
                         relation: m.relation,
-                        tuple: new,
+                        tuple,
                     },
                     caller,
                 ),
@@ -227,14 +318,56 @@ async fn decide_in_process(
                     stats.policy_decisions += 1;
                     flags[index] = seen;
                 }
+                Err(Undecided) if old => undecided_old.push(index),
                 Err(Undecided) => undecided.push(index),
             }
+        }
+        if !undecided_old.is_empty() {
+            let raw = policies.raw.get(&(viewer.role.clone(), access.oid));
+            stats.visibility_queries += 1;
+            old_rows.push((
+                key,
+                check_old_rows(db, matched, &viewer, &access, raw, undecided_old).await,
+            ));
         }
         if !undecided.is_empty() {
             residual.push((key, (viewer, access, undecided)));
         }
     }
-    residual
+    (residual, old_rows)
+}
+
+/// The old rows of DELETEs for one viewer of one table, judged in SQL. Rows whose policies
+/// cannot be applied that way are seen by nobody.
+async fn check_old_rows(
+    db: &Database,
+    matched: &[Matched<'_>],
+    viewer: &Viewer,
+    access: &TableAccess,
+    policies: Option<&Vec<(bool, Option<String>)>>,
+    rows: Vec<usize>,
+) -> Vec<(usize, bool)> {
+    let json: Option<Vec<serde_json::Value>> = rows
+        .iter()
+        .map(|&i| visibility::row_json(matched[i].relation, matched[i].old_row.tuple()?))
+        .collect();
+    let seen = match (policies, json) {
+        (Some(policies), Some(json)) => {
+            match visibility::visible_old_rows(db, viewer, access, policies, &json).await {
+                Ok(Some(seen)) => seen,
+                Ok(None) => Default::default(),
+                Err(e) => {
+                    warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check of deleted rows failed: withheld");
+                    Default::default()
+                }
+            }
+        }
+        _ => Default::default(),
+    };
+    rows.into_iter()
+        .enumerate()
+        .map(|(n, index)| (index, seen.contains(&n)))
+        .collect()
 }
 
 /// Waits until the batch's transactions are visible to new snapshots: a commit reaches the WAL
@@ -396,10 +529,13 @@ async fn deliver(
             // (shape, ids, the first subscription) of this channel, in first-seen order.
             run.clear();
             for (offset, sub) in m.subs[start..end].iter().enumerate() {
-                if change_needs_rls_check(m.change, sub) {
-                    let seen = visible
-                        .get(&(viewer_key(&sub.viewer), sub.binding.access.oid))
-                        .is_some_and(|flags| flags[index]);
+                if needs_rls_check(sub) {
+                    let seen = match &m.old_row {
+                        OldRow::Unknown => cx.delete_unknown == DeleteUnknown::Reference,
+                        _ => visible
+                            .get(&(viewer_key(&sub.viewer), sub.binding.access.oid))
+                            .is_some_and(|flags| flags[index]),
+                    };
                     if !seen {
                         continue;
                     }
@@ -428,6 +564,7 @@ async fn deliver(
                         &shapes[shape_idx],
                         m.relation,
                         m.change,
+                        m.old_row.tuple(),
                         m.commit_time,
                         max_record_bytes,
                     )
@@ -592,11 +729,6 @@ fn viewer_key(viewer: &Arc<Viewer>) -> usize {
 
 fn needs_rls_check(sub: &Subscription) -> bool {
     sub.binding.access.rls && !sub.viewer.bypass_rls
-}
-
-/// DELETEs are never RLS-checked (the row is gone); INSERT/UPDATE rows of RLS tables are.
-fn change_needs_rls_check(change: &Change, sub: &Subscription) -> bool {
-    !matches!(change, Change::Delete { .. }) && needs_rls_check(sub)
 }
 
 /// The primary-key values (as text) of an INSERT/UPDATE row of an RLS table; `None` otherwise.

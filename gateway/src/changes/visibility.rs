@@ -68,6 +68,9 @@ pub(crate) struct RowPolicies {
     /// (role, table OID) → the policies, when every one is in the grammar and RLS applies to the
     /// role plainly (not the owner, no BYPASSRLS, SELECT granted on the whole table).
     pub(crate) tables: HashMap<(String, u32), TablePolicies>,
+    /// (role, table OID) → the policies as `(permissive, USING)` text, whether compiled or not:
+    /// what the old rows of DELETEs are judged by in SQL.
+    pub(crate) raw: HashMap<(String, u32), Vec<(bool, Option<String>)>>,
 }
 
 /// The policies of each (role, table), deparsed with an empty `search_path` so that every name
@@ -144,6 +147,7 @@ pub(crate) async fn row_policies(
     let mut out = RowPolicies {
         functions,
         tables: HashMap::new(),
+        raw: HashMap::new(),
     };
     for row in tables {
         let role: String = row.get(0);
@@ -153,12 +157,10 @@ pub(crate) async fn row_policies(
         // Text compares byte-wise in process, which is Postgres's equality only under a
         // deterministic collation: a table with a non-deterministic one goes to the SQL check.
         let nondeterministic: bool = row.get(3);
-        if nondeterministic {
-            continue;
+        if !nondeterministic && let Some(compiled) = TablePolicies::compile(&list) {
+            out.tables.insert((role.clone(), oid), compiled);
         }
-        if let Some(compiled) = TablePolicies::compile(&list) {
-            out.tables.insert((role, oid), compiled);
-        }
+        out.raw.insert((role, oid), list);
     }
     Ok(out)
 }
@@ -396,4 +398,96 @@ pub(crate) async fn visible_keys(
                 .collect()
         })
         .collect())
+}
+
+/// Which old rows of DELETEs `viewer` could see: the table's policies for its role, applied as
+/// its role with its claims to each row rebuilt with `jsonb_populate_record` (the rows are gone
+/// from the table). `rows` are JSON objects of the old rows' values. `None` when a policy has no
+/// `USING` to apply.
+///
+/// The policy texts are the server's own (`pg_get_expr` of `pg_policy.polqual`), written into
+/// the statement as Postgres does when it applies them; the row is aliased with the table's
+/// name, so references qualified with it resolve to the old row.
+pub(crate) async fn visible_old_rows(
+    db: &Database,
+    viewer: &Viewer,
+    access: &TableAccess,
+    policies: &[(bool, Option<String>)],
+    rows: &[serde_json::Value],
+) -> Result<Option<HashSet<usize>>, DbError> {
+    let mut permissive = Vec::new();
+    let mut restrictive = Vec::new();
+    for (is_permissive, qual) in policies {
+        let Some(qual) = qual else {
+            return Ok(None);
+        };
+        if *is_permissive {
+            permissive.push(format!("({qual})"));
+        } else {
+            restrictive.push(format!("({qual})"));
+        }
+    }
+    if permissive.is_empty() || rows.is_empty() {
+        return Ok(Some(HashSet::new()));
+    }
+    let mut condition = format!("({})", permissive.join(" or "));
+    for r in &restrictive {
+        condition.push_str(" and ");
+        condition.push_str(r);
+    }
+    let table = quote_ident(&access.table);
+    let sql = format!(
+        "select (r.i - 1)::int8 from unnest($1::text[]::jsonb[]) with ordinality as r(j, i), \
+         lateral jsonb_populate_record(null::{}.{table}, r.j) as {table} where {condition}",
+        quote_ident(&access.schema),
+    );
+    let rows: Vec<String> = rows.iter().map(serde_json::Value::to_string).collect();
+    let mut client = db.exclusive().await?;
+    let set_statement = client.prepared(SET_CLAIMS).await?;
+    let check_statement = client.prepared(&sql).await?;
+    let client = &*client;
+    let sub = viewer.sub.clone().unwrap_or_default();
+    let set_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+        [&viewer.role, &viewer.claims, &sub];
+    let check_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&rows];
+    let (begin, set, found, _rollback) = tokio::join!(
+        client.batch_execute("begin"),
+        client.execute(&set_statement, &set_params),
+        client.query(&check_statement, &check_params),
+        client.batch_execute("rollback"),
+    );
+    begin?;
+    set?;
+    Ok(Some(
+        found?
+            .iter()
+            .map(|row| row.get::<_, i64>(0) as usize)
+            .collect(),
+    ))
+}
+
+/// An old row as the JSON object `jsonb_populate_record` takes: text values as strings (each
+/// column's input function reads them), `json`/`jsonb` values as JSON.
+pub(crate) fn row_json(
+    relation: &realtime_wal_listener::Relation,
+    row: &[realtime_wal_listener::TupleValue],
+) -> Option<serde_json::Value> {
+    use realtime_wal_listener::TupleValue;
+    let mut object = serde_json::Map::with_capacity(row.len());
+    for (column, value) in relation.columns.iter().zip(row) {
+        let value = match value {
+            TupleValue::Null => serde_json::Value::Null,
+            TupleValue::Text(_) => {
+                let text = value.as_str()?;
+                if matches!(column.pg_type.name.as_str(), "json" | "jsonb") {
+                    serde_json::from_str(text).ok()?
+                } else {
+                    serde_json::Value::String(text.to_owned())
+                }
+            }
+            TupleValue::UnchangedToast | TupleValue::Binary(_) => return None,
+        };
+        object.insert(column.name.clone(), value);
+    }
+    Some(serde_json::Value::Object(object))
 }

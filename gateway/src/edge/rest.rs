@@ -130,6 +130,7 @@ fn render_metrics(shared: &Shared) -> String {
         let halted = u8::from(pg.is_halted());
         let (gaps, _) = pg.lag.gaps();
         let (retained, status) = pg.lag.retained();
+        let (memory_bytes, memory_rows) = pg.deletes.usage();
         let mut statuses = String::new();
         for s in realtime_wal_listener::listener::WAL_STATUSES {
             statuses.push_str(&format!(
@@ -141,6 +142,8 @@ fn render_metrics(shared: &Shared) -> String {
             "# HELP realtime_wal_streaming Whether the WAL stream is live.\n# TYPE realtime_wal_streaming gauge\nrealtime_wal_streaming {streaming}\n\
              # HELP realtime_wal_halted Whether the WAL stream stopped for good (see the log and /ready).\n# TYPE realtime_wal_halted gauge\nrealtime_wal_halted {halted}\n\
              # HELP realtime_wal_gaps_total Times the replication slot was lost and recreated (changes lost; subscribers were told).\n# TYPE realtime_wal_gaps_total counter\nrealtime_wal_gaps_total {gaps}\n\
+             # HELP realtime_delete_memory_bytes Bytes of RLS-table rows remembered for DELETEs that carry only the key.\n# TYPE realtime_delete_memory_bytes gauge\nrealtime_delete_memory_bytes {memory_bytes}\n\
+             # HELP realtime_delete_memory_rows RLS-table rows remembered for DELETEs.\n# TYPE realtime_delete_memory_rows gauge\nrealtime_delete_memory_rows {memory_rows}\n\
              # HELP realtime_wal_slot_retained_bytes WAL the replication slot keeps on the server.\n# TYPE realtime_wal_slot_retained_bytes gauge\nrealtime_wal_slot_retained_bytes {retained}\n\
              # HELP realtime_wal_slot_status The slot's wal_status (lost: invalidated).\n# TYPE realtime_wal_slot_status gauge\n{statuses}\
              # HELP realtime_wal_lag_bytes WAL bytes not yet confirmed to Postgres.\n# TYPE realtime_wal_lag_bytes gauge\nrealtime_wal_lag_bytes {}\n\
