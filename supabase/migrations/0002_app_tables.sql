@@ -73,6 +73,13 @@ drop policy if exists "users record their own activity" on public.activity_strea
 create policy "users record their own activity" on public.activity_stream
   for insert to authenticated with check (user_id = auth.uid());
 
+-- The whole old row in the WAL: a DELETE then reaches exactly those who could see the row
+-- (RLS judged on the old row), with its old record. Recommended for every RLS table in the
+-- publication.
+alter table public.messages replica identity full;
+alter table public.presence replica identity full;
+alter table public.activity_stream replica identity full;
+
 grant select on public.messages, public.presence, public.activity_stream to anon, authenticated, service_role;
 grant insert, update, delete on public.messages, public.presence to authenticated, service_role;
 grant insert on public.activity_stream to authenticated, service_role;

@@ -880,6 +880,15 @@ impl TestGateway {
         db: &crate::postgres::TestDb,
         setup: &str,
     ) -> anyhow::Result<TestGateway> {
+        TestGateway::on_database_with(db, setup, |_| {}).await
+    }
+
+    /// [`TestGateway::on_database`] with the configuration changed by `configure`.
+    pub async fn on_database_with(
+        db: &crate::postgres::TestDb,
+        setup: &str,
+        configure: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<TestGateway> {
         const ROLES_AND_AUTH: &str =
             include_str!("../../supabase/migrations/0001_roles_and_auth.sql");
         // Roles are the cluster's: tests in one process create them one at a time.
@@ -894,6 +903,7 @@ impl TestGateway {
         let gw = TestGateway::start_with(|c| {
             c.database_url = Some(realtime_gateway::Secret::new(url.clone()));
             c.slot_name = slot.clone();
+            configure(c);
         })
         .await?;
         crate::postgres::wait_for(Duration::from_secs(15), "the realtime schema", || async {

@@ -238,20 +238,12 @@ async fn visibility_flags(
     if checks.is_empty() {
         return visible;
     }
-    let (residual, old_rows) = decide_in_process(db, matched, checks, &mut visible, stats).await;
-    for (key, seen) in old_rows {
-        let flags = visible
-            .entry(key)
-            .or_insert_with(|| vec![false; matched.len()]);
-        for (index, seen) in seen {
-            flags[index] = seen;
-        }
-    }
+    let (residual, policies) = decide_in_process(db, matched, checks, &mut visible, stats).await;
     if residual.is_empty() {
         return visible;
     }
     wait_visible(db, matched, &pks).await;
-    let checked = check_in_sql(db, &pks, residual, stats).await;
+    let checked = check_in_sql(db, matched, &pks, &policies, residual, stats).await;
     for (key, rows) in checked {
         let flags = visible
             .entry(key)
@@ -263,16 +255,15 @@ async fn visibility_flags(
     visible
 }
 
-/// Decides what the row policies can decide in process; returns the new rows left for the SQL
-/// check, and the answers for the old rows of DELETEs left undecided (checked in SQL here, on
-/// the rows rebuilt from their values).
+/// Decides what the row policies can decide in process; returns the rows left for the SQL
+/// check (new rows of INSERT/UPDATE, old rows of DELETE), and the policies read.
 async fn decide_in_process(
     db: &Database,
     matched: &[Matched<'_>],
     checks: FastMap<CheckKey, PendingCheck>,
     visible: &mut Visible,
     stats: &mut BatchStats,
-) -> (Vec<(CheckKey, PendingCheck)>, Vec<CheckedRows>) {
+) -> (Vec<(CheckKey, PendingCheck)>, visibility::RowPolicies) {
     let mut pairs: Vec<(String, u32)> = checks
         .values()
         .map(|(viewer, access, _)| (viewer.role.clone(), access.oid))
@@ -287,7 +278,6 @@ async fn decide_in_process(
         }
     };
     let mut residual = Vec::new();
-    let mut old_rows = Vec::new();
     for (key, (viewer, access, rows)) in checks {
         let compiled = policies.tables.get(&(viewer.role.clone(), access.oid));
         let caller = compiled.map(|_| viewer.caller(&policies.functions));
@@ -295,13 +285,10 @@ async fn decide_in_process(
             .entry(key)
             .or_insert_with(|| vec![false; matched.len()]);
         let mut undecided = Vec::new();
-        let mut undecided_old = Vec::new();
         for index in rows {
             let m = &matched[index];
-            let (tuple, old) = match (m.change, m.old_row.tuple()) {
-                (Change::Insert { new, .. } | Change::Update { new, .. }, _) => (new, false),
-                (Change::Delete { .. }, Some(old)) => (old, true),
-                _ => continue,
+            let Some(tuple) = judged_row(m) else {
+                continue;
             };
             let decision = match (compiled, &caller) {
                 (Some(compiled), Some(caller)) => compiled.decide(
@@ -318,56 +305,24 @@ async fn decide_in_process(
                     stats.policy_decisions += 1;
                     flags[index] = seen;
                 }
-                Err(Undecided) if old => undecided_old.push(index),
                 Err(Undecided) => undecided.push(index),
             }
-        }
-        if !undecided_old.is_empty() {
-            let raw = policies.raw.get(&(viewer.role.clone(), access.oid));
-            stats.visibility_queries += 1;
-            old_rows.push((
-                key,
-                check_old_rows(db, matched, &viewer, &access, raw, undecided_old).await,
-            ));
         }
         if !undecided.is_empty() {
             residual.push((key, (viewer, access, undecided)));
         }
     }
-    (residual, old_rows)
+    (residual, policies)
 }
 
-/// The old rows of DELETEs for one viewer of one table, judged in SQL. Rows whose policies
-/// cannot be applied that way are seen by nobody.
-async fn check_old_rows(
-    db: &Database,
-    matched: &[Matched<'_>],
-    viewer: &Viewer,
-    access: &TableAccess,
-    policies: Option<&Vec<(bool, Option<String>)>>,
-    rows: Vec<usize>,
-) -> Vec<(usize, bool)> {
-    let json: Option<Vec<serde_json::Value>> = rows
-        .iter()
-        .map(|&i| visibility::row_json(matched[i].relation, matched[i].old_row.tuple()?))
-        .collect();
-    let seen = match (policies, json) {
-        (Some(policies), Some(json)) => {
-            match visibility::visible_old_rows(db, viewer, access, policies, &json).await {
-                Ok(Some(seen)) => seen,
-                Ok(None) => Default::default(),
-                Err(e) => {
-                    warn!(table = %access.table, role = %viewer.role, error = %e, "visibility check of deleted rows failed: withheld");
-                    Default::default()
-                }
-            }
-        }
-        _ => Default::default(),
-    };
-    rows.into_iter()
-        .enumerate()
-        .map(|(n, index)| (index, seen.contains(&n)))
-        .collect()
+/// The row a change's visibility is judged on: the new row of an INSERT/UPDATE, the old row of
+/// a DELETE (when known).
+fn judged_row<'a>(m: &'a Matched<'_>) -> Option<&'a Tuple> {
+    match (m.change, m.old_row.tuple()) {
+        (Change::Insert { new, .. } | Change::Update { new, .. }, _) => Some(new),
+        (Change::Delete { .. }, old) => old,
+        _ => None,
+    }
 }
 
 /// Waits until the batch's transactions are visible to new snapshots: a commit reaches the WAL
@@ -391,49 +346,175 @@ async fn wait_visible(db: &Database, matched: &[Matched<'_>], pks: &[Option<Vec<
     }
 }
 
-/// The SQL check: per table, the rows' keys once, and the viewers in a few chunks, each chunk
-/// one statement (`realtime.visible_key_indexes`), run side by side.
+/// One call of the SQL check: a chunk of viewers of one table (and, judged on values, of one
+/// role) against the batch's rows.
+enum SqlJob {
+    /// The rows rebuilt from their values (as committed, or as they were before a DELETE), the
+    /// role's policies applied to them: positions into `rows`.
+    Values {
+        access: Arc<TableAccess>,
+        policies: Arc<Vec<(bool, Option<String>)>>,
+        rows: Arc<Vec<usize>>,
+        json: Arc<Vec<serde_json::Value>>,
+        part: Vec<TableCheck>,
+    },
+    /// The rows looked up in the table by key, as it is now: for rows whose values cannot be
+    /// rebuilt (an unchanged TOAST value) or roles whose policies were not read.
+    Keys {
+        access: Arc<TableAccess>,
+        keys: Arc<Vec<Vec<String>>>,
+        part: Vec<TableCheck>,
+    },
+}
+
+/// The SQL check, for the rows the policies could not decide in process. Rows are judged on
+/// their own values, like the in-process path: per (table, role), the rows once, the viewers in
+/// a few chunks, each chunk one statement (`realtime.visible_key_indexes`), run side by side.
 async fn check_in_sql(
     db: &Database,
+    matched: &[Matched<'_>],
     pks: &[Option<Vec<String>>],
+    policies: &visibility::RowPolicies,
     residual: Vec<(CheckKey, PendingCheck)>,
     stats: &mut BatchStats,
 ) -> Vec<CheckedRows> {
-    let mut by_table: FastMap<u32, (Arc<TableAccess>, Vec<TableCheck>)> = FastMap::default();
+    let mut groups: FastMap<(u32, usize), (Arc<TableAccess>, String, Vec<TableCheck>)> =
+        FastMap::default();
+    let mut roles: HashMap<String, usize> = HashMap::new();
     for (key, (viewer, access, rows)) in residual {
-        by_table
-            .entry(access.oid)
-            .or_insert_with(|| (access.clone(), Vec::new()))
-            .1
+        let next = roles.len();
+        let role = *roles.entry(viewer.role.clone()).or_insert(next);
+        groups
+            .entry((access.oid, role))
+            .or_insert_with(|| (access.clone(), viewer.role.clone(), Vec::new()))
+            .2
             .push((key, viewer, rows));
     }
     let mut jobs = Vec::new();
-    for (_, (access, entries)) in by_table {
-        let mut keys: Vec<Vec<String>> = entries
+    for (_, (access, role, entries)) in groups {
+        let mut rows: Vec<usize> = entries
             .iter()
-            .flat_map(|(_, _, rows)| rows.iter().filter_map(|&i| pks[i].clone()))
+            .flat_map(|(_, _, r)| r.iter().copied())
             .collect();
-        keys.sort();
-        keys.dedup();
-        let keys = Arc::new(keys);
-        // Up to VISIBILITY_CONCURRENCY calls per table, none with fewer than MIN_CHUNK viewers.
+        rows.sort_unstable();
+        rows.dedup();
+        let json: Option<Vec<serde_json::Value>> = rows
+            .iter()
+            .map(|&i| visibility::row_json(matched[i].relation, judged_row(&matched[i])?))
+            .collect();
+        let quals = policies.raw.get(&(role, access.oid));
+        // Up to VISIBILITY_CONCURRENCY calls per group, none with fewer than MIN_CHUNK viewers.
         let chunk = entries
             .len()
             .div_ceil(VISIBILITY_CONCURRENCY)
             .max(MIN_CHUNK);
+        let mut parts = Vec::new();
         let mut entries = entries.into_iter().peekable();
         while entries.peek().is_some() {
-            let part: Vec<_> = entries.by_ref().take(chunk).collect();
-            jobs.push((access.clone(), keys.clone(), part));
+            parts.push(entries.by_ref().take(chunk).collect::<Vec<_>>());
+        }
+        match (quals, json) {
+            (Some(quals), Some(json)) if quals.iter().all(|(_, q)| q.is_some()) => {
+                let (rows, json) = (Arc::new(rows), Arc::new(json));
+                let quals = Arc::new(quals.clone());
+                for part in parts {
+                    jobs.push(SqlJob::Values {
+                        access: access.clone(),
+                        policies: quals.clone(),
+                        rows: rows.clone(),
+                        json: json.clone(),
+                        part,
+                    });
+                }
+            }
+            _ => {
+                let mut keys: Vec<Vec<String>> =
+                    rows.iter().filter_map(|&i| pks[i].clone()).collect();
+                keys.sort();
+                keys.dedup();
+                let keys = Arc::new(keys);
+                for part in parts {
+                    jobs.push(SqlJob::Keys {
+                        access: access.clone(),
+                        keys: keys.clone(),
+                        part,
+                    });
+                }
+            }
         }
     }
     stats.visibility_queries = jobs.len() as u64;
     let checked: Vec<Vec<CheckedRows>> = futures_util::stream::iter(jobs)
-        .map(|(access, keys, part)| check_chunk(db, pks, access, keys, part))
+        .map(|job| run_job(db, pks, job))
         .buffer_unordered(VISIBILITY_CONCURRENCY)
         .collect()
         .await;
     checked.into_iter().flatten().collect()
+}
+
+async fn run_job(db: &Database, pks: &[Option<Vec<String>>], job: SqlJob) -> Vec<CheckedRows> {
+    match job {
+        SqlJob::Keys { access, keys, part } => check_chunk(db, pks, access, keys, part).await,
+        SqlJob::Values {
+            access,
+            policies,
+            rows,
+            json,
+            part,
+        } => match check_values(db, &access, &policies, &rows, &json, &part).await {
+            Some(checked) => checked,
+            // Without `realtime.visible_key_indexes` (migrations disabled) or on a failed call:
+            // the rows by key, one check per viewer.
+            None => {
+                let mut keys: Vec<Vec<String>> =
+                    rows.iter().filter_map(|&i| pks[i].clone()).collect();
+                keys.sort();
+                keys.dedup();
+                check_chunk(db, pks, access, Arc::new(keys), part).await
+            }
+        },
+    }
+}
+
+/// One chunk of viewers (of one role) against the rows rebuilt from their values.
+async fn check_values(
+    db: &Database,
+    access: &TableAccess,
+    policies: &[(bool, Option<String>)],
+    rows: &[usize],
+    json: &[serde_json::Value],
+    part: &[TableCheck],
+) -> Option<Vec<CheckedRows>> {
+    let viewers: Vec<Arc<Viewer>> = part.iter().map(|(_, v, _)| v.clone()).collect();
+    let results = match visibility::visible_rows_for_many(db, &viewers, access, policies, json)
+        .await
+    {
+        Ok(Some(results)) => results,
+        Ok(None) => vec![None; viewers.len()],
+        Err(e) => {
+            debug!(table = %access.table, error = %e, "batched visibility check failed: checking by key per viewer");
+            return None;
+        }
+    };
+    let checked = part
+        .iter()
+        .zip(results)
+        .map(|((key, _, mine), seen)| {
+            let seen = seen.unwrap_or_default();
+            let mine = mine
+                .iter()
+                .copied()
+                .map(|row| {
+                    let visible = rows
+                        .binary_search(&row)
+                        .is_ok_and(|position| seen.contains(&position));
+                    (row, visible)
+                })
+                .collect();
+            (*key, mine)
+        })
+        .collect();
+    Some(checked)
 }
 
 /// One chunk of viewers of one table against the batch's keys of that table.

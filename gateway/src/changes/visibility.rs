@@ -275,6 +275,18 @@ pub(crate) async fn visible_for_many(
         "select coalesce(array_agg(k.i::int), '{{}}') {}",
         key_join(access, &pk, &arrays)
     );
+    run_for_many(db, viewers, &sql)
+        .await
+        .map(|v| v.expect("a statement was given"))
+}
+
+/// Runs `sql` (a statement returning the `int[]` of 1-based indexes its caller may see) for each
+/// viewer as its role with its claims, all in one call of `realtime.visible_key_indexes`.
+async fn run_for_many(
+    db: &Database,
+    viewers: &[Arc<Viewer>],
+    sql: &str,
+) -> Result<Option<Vec<Option<HashSet<usize>>>>, DbError> {
     let name = format!(
         "realtime_visibility_{}",
         STATEMENT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -320,7 +332,7 @@ pub(crate) async fn visible_for_many(
             });
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// The primary keys among `keys` (text values in primary-key column order) that `viewer` can
@@ -400,21 +412,22 @@ pub(crate) async fn visible_keys(
         .collect())
 }
 
-/// Which old rows of DELETEs `viewer` could see: the table's policies for its role, applied as
-/// its role with its claims to each row rebuilt with `jsonb_populate_record` (the rows are gone
-/// from the table). `rows` are JSON objects of the old rows' values. `None` when a policy has no
-/// `USING` to apply.
+/// Which of `rows` each viewer may see, judged on the rows' own values (as committed, or as
+/// they were before a DELETE), not on the table as it is now: the table's policies for the
+/// viewers' role (all of `viewers` have it), applied as each viewer with its claims to each row
+/// rebuilt with `jsonb_populate_record`. `rows` are JSON objects of the rows' values. `None`
+/// when a policy has no `USING` to apply.
 ///
 /// The policy texts are the server's own (`pg_get_expr` of `pg_policy.polqual`), written into
 /// the statement as Postgres does when it applies them; the row is aliased with the table's
-/// name, so references qualified with it resolve to the old row.
-pub(crate) async fn visible_old_rows(
+/// name, so references qualified with it resolve to the row.
+pub(crate) async fn visible_rows_for_many(
     db: &Database,
-    viewer: &Viewer,
+    viewers: &[Arc<Viewer>],
     access: &TableAccess,
     policies: &[(bool, Option<String>)],
     rows: &[serde_json::Value],
-) -> Result<Option<HashSet<usize>>, DbError> {
+) -> Result<Option<Vec<Option<HashSet<usize>>>>, DbError> {
     let mut permissive = Vec::new();
     let mut restrictive = Vec::new();
     for (is_permissive, qual) in policies {
@@ -427,46 +440,28 @@ pub(crate) async fn visible_old_rows(
             restrictive.push(format!("({qual})"));
         }
     }
-    if permissive.is_empty() || rows.is_empty() {
-        return Ok(Some(HashSet::new()));
+    if permissive.is_empty() || rows.is_empty() || viewers.is_empty() {
+        return Ok(Some(vec![Some(HashSet::new()); viewers.len()]));
     }
     let mut condition = format!("({})", permissive.join(" or "));
     for r in &restrictive {
         condition.push_str(" and ");
         condition.push_str(r);
     }
+    let literals: Vec<String> = rows.iter().map(|r| quote_literal(&r.to_string())).collect();
     let table = quote_ident(&access.table);
     let sql = format!(
-        "select (r.i - 1)::int8 from unnest($1::text[]::jsonb[]) with ordinality as r(j, i), \
-         lateral jsonb_populate_record(null::{}.{table}, r.j) as {table} where {condition}",
+        "select coalesce(array_agg(r.i::int), '{{}}') \
+           from unnest(array[{}]::text[]::jsonb[]) with ordinality as r(j, i), \
+                lateral jsonb_populate_record(null::{}.{table}, r.j) as {table} \
+          where {condition}",
+        literals.join(","),
         quote_ident(&access.schema),
     );
-    let rows: Vec<String> = rows.iter().map(serde_json::Value::to_string).collect();
-    let mut client = db.exclusive().await?;
-    let set_statement = client.prepared(SET_CLAIMS).await?;
-    let check_statement = client.prepared(&sql).await?;
-    let client = &*client;
-    let sub = viewer.sub.clone().unwrap_or_default();
-    let set_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-        [&viewer.role, &viewer.claims, &sub];
-    let check_params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&rows];
-    let (begin, set, found, _rollback) = tokio::join!(
-        client.batch_execute("begin"),
-        client.execute(&set_statement, &set_params),
-        client.query(&check_statement, &check_params),
-        client.batch_execute("rollback"),
-    );
-    begin?;
-    set?;
-    Ok(Some(
-        found?
-            .iter()
-            .map(|row| row.get::<_, i64>(0) as usize)
-            .collect(),
-    ))
+    run_for_many(db, viewers, &sql).await
 }
 
-/// An old row as the JSON object `jsonb_populate_record` takes: text values as strings (each
+/// A row as the JSON object `jsonb_populate_record` takes: text values as strings (each
 /// column's input function reads them), `json`/`jsonb` values as JSON.
 pub(crate) fn row_json(
     relation: &realtime_wal_listener::Relation,
