@@ -346,6 +346,9 @@ async fn wait_visible(db: &Database, matched: &[Matched<'_>], pks: &[Option<Vec<
     }
 }
 
+/// The rows of one table to check for the viewers of one role: (table, role, their checks).
+type RoleGroup = (Arc<TableAccess>, String, Vec<TableCheck>);
+
 /// One call of the SQL check: a chunk of viewers of one table (and, judged on values, of one
 /// role) against the batch's rows.
 enum SqlJob {
@@ -353,7 +356,7 @@ enum SqlJob {
     /// role's policies applied to them: positions into `rows`.
     Values {
         access: Arc<TableAccess>,
-        policies: Arc<Vec<(bool, Option<String>)>>,
+        policies: Arc<visibility::PolicyTexts>,
         rows: Arc<Vec<usize>>,
         json: Arc<Vec<serde_json::Value>>,
         part: Vec<TableCheck>,
@@ -378,8 +381,7 @@ async fn check_in_sql(
     residual: Vec<(CheckKey, PendingCheck)>,
     stats: &mut BatchStats,
 ) -> Vec<CheckedRows> {
-    let mut groups: FastMap<(u32, usize), (Arc<TableAccess>, String, Vec<TableCheck>)> =
-        FastMap::default();
+    let mut groups: FastMap<(u32, usize), RoleGroup> = FastMap::default();
     let mut roles: HashMap<String, usize> = HashMap::new();
     for (key, (viewer, access, rows)) in residual {
         let next = roles.len();

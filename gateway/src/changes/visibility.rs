@@ -61,7 +61,11 @@ impl Viewer {
     }
 }
 
-/// The SELECT policies of tables per role, for evaluation in process (see `policy`).
+/// A table's policies for a role as `(permissive, USING)` text.
+pub(crate) type PolicyTexts = Vec<(bool, Option<String>)>;
+
+/// The SELECT policies of tables per role, for evaluation in process (see `policy`) and in SQL
+/// on rows rebuilt from their values.
 #[derive(Debug, Default)]
 pub(crate) struct RowPolicies {
     pub(crate) functions: AuthFunctions,
@@ -70,7 +74,7 @@ pub(crate) struct RowPolicies {
     pub(crate) tables: HashMap<(String, u32), TablePolicies>,
     /// (role, table OID) → the policies as `(permissive, USING)` text, whether compiled or not:
     /// what the old rows of DELETEs are judged by in SQL.
-    pub(crate) raw: HashMap<(String, u32), Vec<(bool, Option<String>)>>,
+    pub(crate) raw: HashMap<(String, u32), PolicyTexts>,
 }
 
 /// The policies of each (role, table), deparsed with an empty `search_path` so that every name

@@ -159,9 +159,9 @@ impl Channels {
                 };
                 Box::new(move |ch: &mut Channels| {
                     // A refresh since the retry started has resolved for newer claims.
-                    if !ch
+                    if ch
                         .current(&topic_owned, member)
-                        .is_some_and(|c| c.token == token)
+                        .is_none_or(|c| c.token != token)
                     {
                         return;
                     }
