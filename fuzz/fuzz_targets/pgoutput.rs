@@ -38,9 +38,13 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut out = Vec::new();
     value::write_json(&mut out, &kind, text);
-    assert!(
-        serde_json::from_slice::<serde_json::Value>(&out).is_ok(),
-        "invalid json {:?} for {kind:?} {text:?}",
-        String::from_utf8_lossy(&out)
-    );
+    // serde_json refuses numbers whose exponent no f64 holds (`1E1111211122`), which JSON's
+    // grammar allows and Postgres's `json` keeps as written: only syntax errors count.
+    if let Err(e) = serde_json::from_slice::<serde_json::Value>(&out) {
+        assert!(
+            e.to_string().starts_with("number out of range"),
+            "invalid json {:?} for {kind:?} {text:?}: {e}",
+            String::from_utf8_lossy(&out)
+        );
+    }
 });

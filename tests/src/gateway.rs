@@ -872,6 +872,12 @@ impl Client {
     }
 }
 
+/// Setup for [`TestGateway::on_database`]: `public.items (id, v)`, readable by anon, in the
+/// publication.
+pub const ITEMS: &str = "create table public.items (id bigserial primary key, v int not null);
+     grant select on public.items to anon;
+     alter publication supabase_realtime add table public.items;";
+
 impl TestGateway {
     /// A gateway on `db` (a fresh database of the harness's cluster): Supabase's roles and auth
     /// helpers applied, then `setup`, then the gateway started with its own slot; returns once

@@ -2,6 +2,7 @@
 //! database has been unreachable past the grace time or the stream stopped for good, recovers
 //! when the database is back, and never fails for lag; `/healthcheck` stays the liveness probe.
 
+use realtime_tests::gateway::ITEMS;
 use realtime_tests::gateway::{HttpResponse, TestGateway};
 use realtime_tests::postgres::{cluster, connect, wait_for};
 use std::time::Duration;
@@ -112,13 +113,7 @@ async fn a_lost_slot_is_recreated_and_subscribers_are_told() -> anyhow::Result<(
     use realtime_protocol::Vsn;
     use realtime_tests::gateway::Received;
     let db = cluster().await.fresh_database().await?;
-    let gw = TestGateway::on_database(
-        &db,
-        "create table public.items (id bigserial primary key, v int not null);
-         grant select on public.items to anon;
-         alter publication supabase_realtime add table public.items;",
-    )
-    .await?;
+    let gw = TestGateway::on_database(&db, ITEMS).await?;
     let mut client = gw.connect(Vsn::V2).await?;
     let config = serde_json::json!({"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "items"}]});
     client.join_ok("realtime:lost", config).await?;

@@ -3,6 +3,7 @@
 //! cannot reach the database keeps the subscription that works.
 
 use realtime_protocol::Vsn;
+use realtime_tests::gateway::ITEMS;
 use realtime_tests::gateway::{Client, Received, TestGateway, now_secs};
 use realtime_tests::postgres::cluster;
 use serde_json::json;
@@ -86,13 +87,7 @@ async fn heartbeats_are_answered_while_a_join_waits_on_the_database() -> anyhow:
 #[tokio::test]
 async fn the_join_reply_precedes_the_first_change_under_load() -> anyhow::Result<()> {
     let db = cluster().await.fresh_database().await?;
-    let gw = TestGateway::on_database(
-        &db,
-        "create table public.items (id bigserial primary key, v int not null);
-         grant select on public.items to anon;
-         alter publication supabase_realtime add table public.items;",
-    )
-    .await?;
+    let gw = TestGateway::on_database(&db, ITEMS).await?;
     // A writer commits rows throughout.
     let writer_db = db.client().await?;
     let stop = tokio_util::sync::CancellationToken::new();
@@ -153,13 +148,7 @@ async fn the_join_reply_precedes_the_first_change_under_load() -> anyhow::Result
 #[tokio::test]
 async fn a_refresh_during_a_database_outage_keeps_delivering() -> anyhow::Result<()> {
     let db = cluster().await.fresh_database().await?;
-    let gw = TestGateway::on_database(
-        &db,
-        "create table public.items (id bigserial primary key, v int not null);
-         grant select on public.items to anon;
-         alter publication supabase_realtime add table public.items;",
-    )
-    .await?;
+    let gw = TestGateway::on_database(&db, ITEMS).await?;
     let admin = db.client().await?;
     let mut client: Client = gw.connect(Vsn::V2).await?;
     let topic = "realtime:outage";

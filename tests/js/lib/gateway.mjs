@@ -172,6 +172,14 @@ export async function startGateway({ env = {} } = {}) {
 
   return {
     url,
+    /** The gateway process id (for measurements of its memory). */
+    pid: child.pid,
+    /** The value of one series of `GET /metrics` (0 when absent). */
+    async metric(series) {
+      const text = await (await fetch(`${url}/metrics`)).text()
+      const line = text.split('\n').find((l) => l.startsWith(`${series} `))
+      return Number(line?.split(' ')[1] ?? 0)
+    },
     wsUrl: `ws://127.0.0.1:${port}`,
     port,
     secret,
