@@ -247,6 +247,25 @@ pub(crate) async fn start(
     Ok(pg)
 }
 
+/// Keeps the items whose position is past `last`, moving `last` with each one kept (positions
+/// within one batch can repeat when it spans a reconnect); returns how many were dropped.
+fn retain_new<T, P: PartialOrd + Copy>(
+    batch: &mut Vec<T>,
+    last: &mut P,
+    position: impl Fn(&T) -> P,
+) -> usize {
+    let before = batch.len();
+    batch.retain(|item| {
+        let at = position(item);
+        let new = at > *last;
+        if new {
+            *last = at;
+        }
+        new
+    });
+    before - batch.len()
+}
+
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -346,12 +365,10 @@ async fn route_loop(
         // The stream is at-least-once: after a reconnect, transactions already routed come again
         // with the same commit LSN (and parts cut at the same places). They were delivered once;
         // drop them.
-        let before = batch.len();
-        batch.retain(|tx| (tx.commit_lsn, tx.chunk) > last_routed);
-        Metrics::add(&metrics.wal_redelivered, (before - batch.len()) as u64);
-        if let Some(last) = batch.last() {
-            last_routed = (last.commit_lsn, last.chunk);
-        }
+        // A batch can hold both: the old session's parts still queued and the new session's
+        // first ones, so the position moves with each part kept.
+        let dropped = retain_new(&mut batch, &mut last_routed, |tx| (tx.commit_lsn, tx.chunk));
+        Metrics::add(&metrics.wal_redelivered, dropped as u64);
         let stats = route::route(&cx, &batch).await;
         let whole = batch.iter().filter(|tx| tx.last).count();
         Metrics::add(&metrics.wal_transactions, whole as u64);
@@ -370,4 +387,23 @@ async fn route_loop(
         batch.clear();
     }
     warn!("change router stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retain_new;
+
+    #[test]
+    fn parts_streamed_again_are_dropped_even_within_one_batch() {
+        // Routed up to part 3 of the transaction at LSN 10; then the old session's parts 4 and 5
+        // and, after a reconnect, the new session's parts 0..7 arrive in one batch.
+        let mut last = (10u64, 3u32);
+        let mut batch: Vec<(u64, u32)> = vec![(10, 4), (10, 5)];
+        batch.extend((0..8).map(|part| (10, part)));
+        batch.push((11, 0));
+        let dropped = retain_new(&mut batch, &mut last, |p| *p);
+        assert_eq!(batch, vec![(10, 4), (10, 5), (10, 6), (10, 7), (11, 0)]);
+        assert_eq!(dropped, 6);
+        assert_eq!(last, (11, 0));
+    }
 }
