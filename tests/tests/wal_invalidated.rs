@@ -6,26 +6,40 @@ mod wal_common;
 use realtime_wal_listener::Error;
 use wal_common::{config, db, start, start_ready};
 
-#[tokio::test]
-async fn invalidated_slot_is_a_typed_error() -> anyhow::Result<()> {
-    let (db, c) = db().await?;
-    for sql in [
-        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
-        "SELECT pg_reload_conf()",
-        "CREATE TABLE t (id int PRIMARY KEY, pad text)",
-    ] {
-        c.batch_execute(sql).await?;
-    }
-    let l = start_ready(config(&db.url, "lost")).await?;
+/// Creates `slot` (streamed once, then left), and moves the WAL several segments past it with
+/// `max_slot_wal_keep_size` at 1 MB, then checkpoints: Postgres invalidates the slot.
+async fn invalidate(
+    url: &str,
+    c: &tokio_postgres::Client,
+    slot: &str,
+    table: &str,
+) -> anyhow::Result<()> {
+    c.batch_execute("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'")
+        .await?;
+    c.batch_execute("SELECT pg_reload_conf()").await?;
+    c.batch_execute(&format!(
+        "CREATE TABLE {table} (id int PRIMARY KEY, pad text)"
+    ))
+    .await?;
+    let l = start_ready(config(url, slot)).await?;
     l.stop().await?;
-    wal_common::wait_slot_inactive(&c, "lost").await?;
-    // Move the WAL several segments past the slot, then checkpoint: the slot is invalidated.
+    wal_common::wait_slot_inactive(c, slot).await?;
     for i in 0..5 {
-        c.execute("INSERT INTO t VALUES ($1, repeat('x', 1000))", &[&i])
-            .await?;
+        c.execute(
+            &format!("INSERT INTO {table} VALUES ($1, repeat('x', 1000))"),
+            &[&i],
+        )
+        .await?;
         c.batch_execute("SELECT pg_switch_wal()").await?;
     }
     c.batch_execute("CHECKPOINT").await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalidated_slot_is_a_typed_error() -> anyhow::Result<()> {
+    let (db, c) = db().await?;
+    invalidate(&db.url, &c, "lost", "t").await?;
     let status: Option<String> = c
         .query_one(
             "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'lost'",
@@ -52,22 +66,7 @@ async fn invalidated_slot_is_a_typed_error() -> anyhow::Result<()> {
 #[tokio::test]
 async fn invalidated_slot_is_recreated_and_the_gap_counted() -> anyhow::Result<()> {
     let (db, c) = db().await?;
-    for sql in [
-        "ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'",
-        "SELECT pg_reload_conf()",
-        "CREATE TABLE t2 (id int PRIMARY KEY, pad text)",
-    ] {
-        c.batch_execute(sql).await?;
-    }
-    let l = start_ready(config(&db.url, "lost2")).await?;
-    l.stop().await?;
-    wal_common::wait_slot_inactive(&c, "lost2").await?;
-    for i in 0..5 {
-        c.execute("INSERT INTO t2 VALUES ($1, repeat('x', 1000))", &[&i])
-            .await?;
-        c.batch_execute("SELECT pg_switch_wal()").await?;
-    }
-    c.batch_execute("CHECKPOINT").await?;
+    invalidate(&db.url, &c, "lost2", "t2").await?;
     let mut cfg = config(&db.url, "lost2");
     cfg.recreate_lost_slot = true;
     let mut l = start_ready(cfg).await?;
