@@ -76,13 +76,13 @@ impl RowMemory {
     /// Remembers the row an INSERT or UPDATE left (`old` fills values an UPDATE did not send);
     /// a row with a value that is still unknown is forgotten instead.
     pub(crate) fn remember(&self, relation: &Relation, new: &Tuple, old: Option<&Tuple>) {
-        let Some(key) = key_of(relation, new) else {
-            return;
-        };
         if relation.replica_identity == realtime_wal_listener::ReplicaIdentity::Full {
             // The WAL carries the whole old row of a DELETE: nothing to remember.
             return;
         }
+        let Some(key) = key_of(relation, new) else {
+            return;
+        };
         let mut inner = self.lock();
         let id = (relation.id, key);
         let previous = inner.rows.get(&id).map(|(_, row)| row);

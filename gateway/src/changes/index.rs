@@ -95,7 +95,7 @@ impl Index {
         touched.extend(oids.iter().copied());
         touched.sort_unstable();
         touched.dedup();
-        let mut subs: Vec<Arc<Subscription>> = subs.into_iter().map(Arc::new).collect();
+        let subs: Vec<Arc<Subscription>> = subs.into_iter().map(Arc::new).collect();
         for oid in touched {
             // This member's bindings on the table stay adjacent (one run per channel), which
             // the batch relies on to find a channel's bindings.
@@ -117,7 +117,6 @@ impl Index {
                 tables.by_table.insert(oid, Arc::new(next));
             }
         }
-        subs.clear();
         if !oids.is_empty() {
             tables.by_member.insert(member, oids);
         }

@@ -353,12 +353,12 @@ type RoleGroup = (Arc<TableAccess>, String, Vec<TableCheck>);
 /// role) against the batch's rows.
 enum SqlJob {
     /// The rows rebuilt from their values (as committed, or as they were before a DELETE), the
-    /// role's policies applied to them: positions into `rows`.
+    /// role's policies applied to them by `sql` (built once per group; `None`: no permissive
+    /// policy, nothing visible): positions into `rows`.
     Values {
         access: Arc<TableAccess>,
-        policies: Arc<visibility::PolicyTexts>,
+        sql: Option<Arc<str>>,
         rows: Arc<Vec<usize>>,
-        json: Arc<Vec<serde_json::Value>>,
         part: Vec<TableCheck>,
     },
     /// The rows looked up in the table by key, as it is now: for rows whose values cannot be
@@ -415,26 +415,23 @@ async fn check_in_sql(
         while entries.peek().is_some() {
             parts.push(entries.by_ref().take(chunk).collect::<Vec<_>>());
         }
-        match (quals, json) {
-            (Some(quals), Some(json)) if quals.iter().all(|(_, q)| q.is_some()) => {
-                let (rows, json) = (Arc::new(rows), Arc::new(json));
-                let quals = Arc::new(quals.clone());
+        let statement = quals
+            .zip(json)
+            .and_then(|(quals, json)| visibility::rows_statement(&access, quals, &json));
+        match statement {
+            Some(sql) => {
+                let (rows, sql) = (Arc::new(rows), sql.map(Arc::<str>::from));
                 for part in parts {
                     jobs.push(SqlJob::Values {
                         access: access.clone(),
-                        policies: quals.clone(),
+                        sql: sql.clone(),
                         rows: rows.clone(),
-                        json: json.clone(),
                         part,
                     });
                 }
             }
-            _ => {
-                let mut keys: Vec<Vec<String>> =
-                    rows.iter().filter_map(|&i| pks[i].clone()).collect();
-                keys.sort();
-                keys.dedup();
-                let keys = Arc::new(keys);
+            None => {
+                let keys = keys_of(pks, &rows);
                 for part in parts {
                     jobs.push(SqlJob::Keys {
                         access: access.clone(),
@@ -459,40 +456,44 @@ async fn run_job(db: &Database, pks: &[Option<Vec<String>>], job: SqlJob) -> Vec
         SqlJob::Keys { access, keys, part } => check_chunk(db, pks, access, keys, part).await,
         SqlJob::Values {
             access,
-            policies,
+            sql,
             rows,
-            json,
             part,
-        } => match check_values(db, &access, &policies, &rows, &json, &part).await {
+        } => match check_values(db, &access, sql.as_deref(), &rows, &part).await {
             Some(checked) => checked,
             // Without `realtime.visible_key_indexes` (migrations disabled) or on a failed call:
             // the rows by key, one check per viewer.
-            None => {
-                let mut keys: Vec<Vec<String>> =
-                    rows.iter().filter_map(|&i| pks[i].clone()).collect();
-                keys.sort();
-                keys.dedup();
-                check_chunk(db, pks, access, Arc::new(keys), part).await
-            }
+            None => check_chunk(db, pks, access, keys_of(pks, &rows), part).await,
         },
     }
+}
+
+/// The distinct primary keys of `rows` (INSERT/UPDATE rows of RLS tables have one), sorted.
+fn keys_of(pks: &[Option<Vec<String>>], rows: &[usize]) -> Arc<Vec<Vec<String>>> {
+    let mut keys: Vec<Vec<String>> = rows.iter().filter_map(|&i| pks[i].clone()).collect();
+    keys.sort();
+    keys.dedup();
+    Arc::new(keys)
 }
 
 /// One chunk of viewers (of one role) against the rows rebuilt from their values.
 async fn check_values(
     db: &Database,
     access: &TableAccess,
-    policies: &[(bool, Option<String>)],
+    sql: Option<&str>,
     rows: &[usize],
-    json: &[serde_json::Value],
     part: &[TableCheck],
 ) -> Option<Vec<CheckedRows>> {
     let viewers: Vec<Arc<Viewer>> = part.iter().map(|(_, v, _)| v.clone()).collect();
-    let results = match visibility::visible_rows_for_many(db, &viewers, access, policies, json)
-        .await
-    {
-        Ok(Some(results)) => results,
-        Ok(None) => vec![None; viewers.len()],
+    let Some(sql) = sql else {
+        return Some(
+            part.iter()
+                .map(|(key, _, mine)| (*key, mine.iter().map(|&r| (r, false)).collect()))
+                .collect(),
+        );
+    };
+    let results = match visibility::visible_for_many_sql(db, &viewers, sql).await {
+        Ok(results) => results,
         Err(e) => {
             debug!(table = %access.table, error = %e, "batched visibility check failed: checking by key per viewer");
             return None;

@@ -279,9 +279,7 @@ pub(crate) async fn visible_for_many(
         "select coalesce(array_agg(k.i::int), '{{}}') {}",
         key_join(access, &pk, &arrays)
     );
-    run_for_many(db, viewers, &sql)
-        .await
-        .map(|v| v.expect("a statement was given"))
+    run_for_many(db, viewers, &sql).await
 }
 
 /// Runs `sql` (a statement returning the `int[]` of 1-based indexes its caller may see) for each
@@ -290,7 +288,7 @@ async fn run_for_many(
     db: &Database,
     viewers: &[Arc<Viewer>],
     sql: &str,
-) -> Result<Option<Vec<Option<HashSet<usize>>>>, DbError> {
+) -> Result<Vec<Option<HashSet<usize>>>, DbError> {
     let name = format!(
         "realtime_visibility_{}",
         STATEMENT_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -336,7 +334,7 @@ async fn run_for_many(
             });
         }
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 /// The primary keys among `keys` (text values in primary-key column order) that `viewer` can
@@ -416,36 +414,33 @@ pub(crate) async fn visible_keys(
         .collect())
 }
 
-/// Which of `rows` each viewer may see, judged on the rows' own values (as committed, or as
-/// they were before a DELETE), not on the table as it is now: the table's policies for the
-/// viewers' role (all of `viewers` have it), applied as each viewer with its claims to each row
-/// rebuilt with `jsonb_populate_record`. `rows` are JSON objects of the rows' values. `None`
-/// when a policy has no `USING` to apply.
+/// The statement that judges `rows` on their own values (as committed, or as they were before a
+/// DELETE), not on the table as it is now: the role's policies applied to each row rebuilt with
+/// `jsonb_populate_record`. `rows` are JSON objects of the rows' values. `None` when a policy
+/// has no `USING` to apply; `Some(None)` when no permissive policy applies (nothing visible).
+/// Built once per (table, role) and run for each chunk of its viewers with
+/// [`visible_for_many_sql`].
 ///
 /// The policy texts are the server's own (`pg_get_expr` of `pg_policy.polqual`), written into
 /// the statement as Postgres does when it applies them; the row is aliased with the table's
 /// name, so references qualified with it resolve to the row.
-pub(crate) async fn visible_rows_for_many(
-    db: &Database,
-    viewers: &[Arc<Viewer>],
+pub(crate) fn rows_statement(
     access: &TableAccess,
     policies: &[(bool, Option<String>)],
     rows: &[serde_json::Value],
-) -> Result<Option<Vec<Option<HashSet<usize>>>>, DbError> {
+) -> Option<Option<String>> {
     let mut permissive = Vec::new();
     let mut restrictive = Vec::new();
     for (is_permissive, qual) in policies {
-        let Some(qual) = qual else {
-            return Ok(None);
-        };
+        let qual = format!("({})", qual.as_ref()?);
         if *is_permissive {
-            permissive.push(format!("({qual})"));
+            permissive.push(qual);
         } else {
-            restrictive.push(format!("({qual})"));
+            restrictive.push(qual);
         }
     }
-    if permissive.is_empty() || rows.is_empty() || viewers.is_empty() {
-        return Ok(Some(vec![Some(HashSet::new()); viewers.len()]));
+    if permissive.is_empty() || rows.is_empty() {
+        return Some(None);
     }
     let mut condition = format!("({})", permissive.join(" or "));
     for r in &restrictive {
@@ -454,15 +449,27 @@ pub(crate) async fn visible_rows_for_many(
     }
     let literals: Vec<String> = rows.iter().map(|r| quote_literal(&r.to_string())).collect();
     let table = quote_ident(&access.table);
-    let sql = format!(
+    Some(Some(format!(
         "select coalesce(array_agg(r.i::int), '{{}}') \
            from unnest(array[{}]::text[]::jsonb[]) with ordinality as r(j, i), \
                 lateral jsonb_populate_record(null::{}.{table}, r.j) as {table} \
           where {condition}",
         literals.join(","),
         quote_ident(&access.schema),
-    );
-    run_for_many(db, viewers, &sql).await
+    )))
+}
+
+/// Runs a [`rows_statement`] for each viewer as its role with its claims: per viewer, the
+/// 0-based positions of the rows it may see (`None` when its check raised an error).
+pub(crate) async fn visible_for_many_sql(
+    db: &Database,
+    viewers: &[Arc<Viewer>],
+    sql: &str,
+) -> Result<Vec<Option<HashSet<usize>>>, DbError> {
+    if viewers.is_empty() {
+        return Ok(Vec::new());
+    }
+    run_for_many(db, viewers, sql).await
 }
 
 /// A row as the JSON object `jsonb_populate_record` takes: text values as strings (each

@@ -178,8 +178,7 @@ impl Channels {
 
     fn after_write_check(&mut self, extension: Extension, push: Queued, allowed: bool) {
         match (extension, push) {
-            (Extension::Broadcast, Queued::Text(m)) if allowed => self.publish_json(m),
-            (Extension::Broadcast, Queued::Binary(p)) if allowed => self.publish_binary(p),
+            (Extension::Broadcast, push) if allowed => self.publish_queued(push),
             // A denied broadcast is dropped without any reply, even with ack (the reference's
             // behaviour).
             (Extension::Broadcast, _) => {}

@@ -15,15 +15,7 @@ use tracing::debug;
 impl Channels {
     /// A JSON `broadcast` push: relayed verbatim to the topic's members.
     pub(super) fn broadcast_json(&mut self, m: Inbound) {
-        match self.write_permission(&m.topic, Extension::Broadcast) {
-            Known::Allowed => self.publish_json(m),
-            Known::Unknown => {
-                let topic = m.topic.clone();
-                self.check_write(&topic, Extension::Broadcast, Queued::Text(m));
-            }
-            // Write denied: dropped without any reply, even with ack (the reference's behaviour).
-            Known::Denied => {}
-        }
+        self.broadcast_checked(Queued::Text(m));
     }
 
     /// A kind-3 binary push: fanned out as a user broadcast. Client metadata is not forwarded.
@@ -41,13 +33,25 @@ impl Channels {
         if push.join_ref.is_some() && push.join_ref != channel.join_ref {
             return;
         }
-        match self.write_permission(&push.topic, Extension::Broadcast) {
-            Known::Allowed => self.publish_binary(push),
-            Known::Unknown => {
-                let topic = push.topic.clone();
-                self.check_write(&topic, Extension::Broadcast, Queued::Binary(push));
-            }
+        self.broadcast_checked(Queued::Binary(push));
+    }
+
+    /// A broadcast push: published when the channel may write, after the check when that is not
+    /// known yet.
+    fn broadcast_checked(&mut self, push: Queued) {
+        let topic = push.topic().to_owned();
+        match self.write_permission(&topic, Extension::Broadcast) {
+            Known::Allowed => self.publish_queued(push),
+            Known::Unknown => self.check_write(&topic, Extension::Broadcast, push),
+            // Write denied: dropped without any reply, even with ack (the reference's behaviour).
             Known::Denied => {}
+        }
+    }
+
+    pub(super) fn publish_queued(&mut self, push: Queued) {
+        match push {
+            Queued::Text(m) => self.publish_json(m),
+            Queued::Binary(p) => self.publish_binary(p),
         }
     }
 

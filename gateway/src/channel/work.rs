@@ -40,7 +40,7 @@ pub(crate) enum Queued {
 }
 
 impl Queued {
-    fn topic(&self) -> &str {
+    pub(crate) fn topic(&self) -> &str {
         match self {
             Queued::Text(m) => &m.topic,
             Queued::Binary(p) => &p.topic,
@@ -123,8 +123,8 @@ impl Work {
         self.queued.retain(|q| q.topic() != topic);
     }
 
-    /// The pushes of `topic` that waited, in arrival order, up to the next one that a new job
-    /// would again hold up: all of them; the caller re-dispatches each.
+    /// The pushes of `topic` that waited, in arrival order; the caller dispatches each again (one
+    /// that starts a new job puts the rest back in the queue behind it).
     pub(crate) fn take_queued(&mut self, topic: &str) -> Vec<Queued> {
         let (mine, rest) = std::mem::take(&mut self.queued)
             .into_iter()
