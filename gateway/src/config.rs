@@ -145,6 +145,25 @@ pub struct Config {
     #[arg(long, env = "DELETE_MEMORY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub delete_memory_bytes: usize,
 
+    /// How long a channel whose socket went away without leaving stays parked: a join of the
+    /// same client within this time gets the changes it missed.
+    #[arg(long, env = "RESUME_WINDOW_MS", default_value_t = 30_000)]
+    pub resume_window_ms: u64,
+
+    /// The most WAL parked and live channels may hold in the replication slot (bytes between
+    /// the oldest position they need and the newest change); past it the oldest lose resume.
+    #[arg(long, env = "RESUME_MAX_RETAINED_BYTES", default_value_t = 1024 * 1024 * 1024)]
+    pub resume_max_retained_bytes: u64,
+
+    /// The file that keeps channels' positions across a restart (default: next to the binary,
+    /// `realtime-resume-<slot>.state`; the temporary directory when that is not writable).
+    #[arg(long, env = "RESUME_STATE_PATH")]
+    pub resume_state_path: Option<std::path::PathBuf>,
+
+    /// Channels the resume state file has room for (64 bytes each).
+    #[arg(long, env = "RESUME_SLOTS", default_value_t = 262_144)]
+    pub resume_slots: u32,
+
     /// How long shutdown waits for sockets to close, in ms.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -227,6 +246,12 @@ impl Config {
         config.jwt_secret = Some(Secret(secret.to_owned()));
         config.connect_error_backoff_ms = 0;
         config.channel_error_backoff_ms = 0;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        config.resume_state_path = Some(std::env::temp_dir().join(format!(
+            "realtime-gateway-tests/{}-{n}.state",
+            std::process::id()
+        )));
         config
     }
 

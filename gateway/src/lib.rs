@@ -11,7 +11,8 @@
 //! - `topics`: who is joined where (the membership object), presence state, encode-once
 //!   fan-out, and the [`Bus`](topics::Bus) seam every client publish passes.
 //! - `changes`: Postgres Changes and database broadcasts: the change source seam, the
-//!   subscription index, filters, visibility (RLS) and payloads.
+//!   subscription index, filters, visibility (RLS), payloads and replays.
+//! - `resume`: channels' positions in the change log, parked channels, the state file.
 //! - `db`: the gateway's own database client: connections, migrations, private-channel
 //!   checks, replay, retention.
 //! - `auth`: token verification: HS secret, JWKS (inline, file, URL with refresh), claim
@@ -29,6 +30,7 @@ mod db;
 mod edge;
 mod metrics;
 mod outbox;
+mod resume;
 mod socket;
 mod state;
 mod topics;
@@ -95,6 +97,10 @@ pub async fn run(
                 slow_consumer: std::time::Duration::from_millis(config.slow_consumer_ms),
                 delete_memory_bytes: config.delete_memory_bytes,
                 delete_unknown: config.delete_unknown,
+                resume_window: std::time::Duration::from_millis(config.resume_window_ms),
+                resume_max_retained_bytes: config.resume_max_retained_bytes,
+                resume_path: config.resume_state_path.clone(),
+                resume_slots: config.resume_slots,
             };
             let pg = changes::start(
                 &settings,

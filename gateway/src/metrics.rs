@@ -13,15 +13,18 @@ pub(crate) enum CloseKind {
     SlowConsumer,
     Shutdown,
     Error,
+    /// A new join of the same client took the socket's channel over.
+    Replaced,
 }
 
 impl CloseKind {
-    const ALL: [CloseKind; 5] = [
+    const ALL: [CloseKind; 6] = [
         CloseKind::Client,
         CloseKind::IdleTimeout,
         CloseKind::SlowConsumer,
         CloseKind::Shutdown,
         CloseKind::Error,
+        CloseKind::Replaced,
     ];
 
     fn label(self) -> &'static str {
@@ -31,6 +34,7 @@ impl CloseKind {
             CloseKind::SlowConsumer => "slow_consumer",
             CloseKind::Shutdown => "shutdown",
             CloseKind::Error => "error",
+            CloseKind::Replaced => "replaced",
         }
     }
 }
@@ -59,7 +63,11 @@ pub(crate) struct Metrics {
     pub(crate) db_broadcasts: AtomicU64,
     pub(crate) wal_backpressure_waits: AtomicU64,
     pub(crate) deletes_unknown: AtomicU64,
-    closes: [AtomicU64; 5],
+    pub(crate) resumes: AtomicU64,
+    pub(crate) resume_gaps: AtomicU64,
+    pub(crate) replayed_changes: AtomicU64,
+    pub(crate) restreams: AtomicU64,
+    closes: [AtomicU64; 6],
 }
 
 impl Metrics {
@@ -165,8 +173,28 @@ impl Metrics {
             ),
             (
                 "realtime_wal_redelivered_total",
-                "Transactions the WAL stream delivered again after a reconnect, dropped.",
+                "Transactions the WAL stream delivered again that no resuming channel needed, dropped.",
                 &self.wal_redelivered,
+            ),
+            (
+                "realtime_resumes_total",
+                "Joins that took over a parked channel and got what it missed.",
+                &self.resumes,
+            ),
+            (
+                "realtime_resume_gaps_total",
+                "Joins told with a ResumeGap system message that changes were missed.",
+                &self.resume_gaps,
+            ),
+            (
+                "realtime_replayed_changes_total",
+                "postgres_changes frames queued to resuming channels from the replayed stream.",
+                &self.replayed_changes,
+            ),
+            (
+                "realtime_wal_restreams_total",
+                "Times the change stream was read again from the slot for resuming channels.",
+                &self.restreams,
             ),
             (
                 "realtime_wal_changes_total",

@@ -29,6 +29,17 @@ use tokio_util::sync::CancellationToken;
 pub(crate) enum Frame {
     Text(Utf8Bytes),
     Binary(Bytes),
+    /// A `postgres_changes` frame: text, and the position it carries for its channel's resume
+    /// slot (`crate::resume`).
+    Change(Utf8Bytes, Mark),
+}
+
+/// Where a change frame is in the log, for the channel it is queued for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Mark {
+    pub(crate) slot: u32,
+    pub(crate) lsn: u64,
+    pub(crate) index: u32,
 }
 
 impl Frame {
@@ -38,7 +49,7 @@ impl Frame {
 
     pub(crate) fn len(&self) -> usize {
         match self {
-            Frame::Text(t) => t.len(),
+            Frame::Text(t) | Frame::Change(t, _) => t.len(),
             Frame::Binary(b) => b.len(),
         }
     }
@@ -51,6 +62,8 @@ pub(crate) enum CloseReason {
     None = 0,
     SlowConsumer = 1,
     Shutdown = 2,
+    /// A new join of the same client took its channel over (the socket had gone silent).
+    Replaced = 3,
 }
 
 impl CloseReason {
@@ -58,6 +71,7 @@ impl CloseReason {
         match v {
             1 => CloseReason::SlowConsumer,
             2 => CloseReason::Shutdown,
+            3 => CloseReason::Replaced,
             _ => CloseReason::None,
         }
     }
@@ -230,6 +244,11 @@ impl OutboxReceiver {
         if self.inner.waiting.load(Ordering::Acquire) {
             self.inner.drained.notify_waiters();
         }
+    }
+
+    /// Whether nothing is queued.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rx.is_empty()
     }
 
     /// Why the socket was marked for closing, if it was.

@@ -77,6 +77,9 @@ struct Shared {
     /// index of [`WAL_STATUSES`] (or `u64::MAX` when unknown).
     retained_bytes: AtomicU64,
     wal_status: AtomicU64,
+    /// The consumer asked to stream again from the slot's confirmed position.
+    restream: AtomicBool,
+    restream_asked: tokio::sync::Notify,
 }
 
 /// The values of `pg_replication_slots.wal_status`.
@@ -96,6 +99,15 @@ impl AckHandle {
     /// The highest acknowledged commit LSN.
     pub fn acked(&self) -> Lsn {
         Lsn(self.0.acked.load(Ordering::Acquire))
+    }
+
+    /// Ends the current session and streams again from the slot's confirmed position: every
+    /// transaction after the last acknowledged one comes again, in order, with the same
+    /// `commit_lsn` and cut into the same parts. Transactions already queued stay queued, so
+    /// the consumer sees the positions go back where the new session starts.
+    pub fn restream(&self) {
+        self.0.restream.store(true, Ordering::Release);
+        self.0.restream_asked.notify_one();
     }
 }
 
@@ -182,6 +194,8 @@ impl std::fmt::Debug for Listener {
 /// Why a streaming session ended without an error.
 enum SessionEnd {
     Shutdown,
+    /// The consumer asked for the stream again ([`AckHandle::restream`]).
+    Restream,
 }
 
 impl Listener {
@@ -225,6 +239,10 @@ impl Listener {
             let result = self.session(&shutdown, &mut streamed).await;
             match result {
                 Ok(SessionEnd::Shutdown) => return Ok(()),
+                Ok(SessionEnd::Restream) => {
+                    info!(slot = %self.config.slot, "streaming again from the slot's confirmed position");
+                    backoff = self.config.backoff_initial;
+                }
                 Err(Error::ConsumerGone) if shutdown.is_cancelled() => return Ok(()),
                 Err(e) if e.is_retryable() => {
                     if streamed {
@@ -348,8 +366,13 @@ impl Listener {
             .map_err(map_err);
         self.shared.streaming.store(false, Ordering::Release);
         poller.abort();
-        if matches!(result, Ok(SessionEnd::Shutdown)) {
+        if matches!(result, Ok(SessionEnd::Shutdown | SessionEnd::Restream)) {
             conn.close().await;
+        }
+        if matches!(result, Ok(SessionEnd::Restream)) {
+            // The walsender holds the slot until it exits: wait for that, briefly, so the next
+            // session does not start with "slot active".
+            wait_slot_released(&admin, slot).await;
         }
         result
     }
@@ -376,6 +399,10 @@ impl Listener {
         let status_timer = tokio::time::sleep_until(st.next_status);
         tokio::pin!(status_timer);
         loop {
+            if self.shared.restream.swap(false, Ordering::AcqRel) {
+                self.send_status(conn, &mut st, false).await?;
+                return Ok(SessionEnd::Restream);
+            }
             // Messages already buffered are handled without going through `select!`: a read brings
             // many of them, and the per-message cost is what limits small transactions.
             let frame = match conn.try_frame()? {
@@ -399,6 +426,7 @@ impl Listener {
                             self.send_status(conn, &mut st, false).await?;
                             continue;
                         }
+                        () = self.shared.restream_asked.notified() => continue,
                         frame = conn.read_frame() => frame?,
                     }
                 }
@@ -773,6 +801,25 @@ struct StreamState {
     keepalive_pos: Lsn,
     /// When the next status update is due.
     next_status: Instant,
+}
+
+/// Waits, at most 2 s, until no walsender holds `slot`.
+async fn wait_slot_released(admin: &tokio_postgres::Client, slot: &str) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match admin
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+        {
+            Ok(Some(row)) if row.get::<_, bool>(0) => {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            _ => return,
+        }
+    }
 }
 
 async fn poll_server_lsn(admin: Arc<tokio_postgres::Client>, shared: Arc<Shared>, slot: String) {

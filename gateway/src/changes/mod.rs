@@ -12,6 +12,8 @@
 //! - `visibility`: batched RLS checks; `policy`: row policies evaluated in process, the fast
 //!   path of those checks.
 //! - `database_broadcast`: inserts into `realtime.messages` as broadcasts.
+//! - `replay`: which changes are live and which a replay for resuming channels
+//!   (`crate::resume` keeps the positions).
 //!
 //! Delivery: the router task takes what is queued (a batch), routes it, and reports the batch's
 //! last commit LSN as delivered once every frame is in the sockets' outboxes. Outbox pushes never
@@ -25,6 +27,7 @@ pub mod fuzzing;
 pub(crate) mod index;
 pub(crate) mod payload;
 pub mod policy;
+pub(crate) mod replay;
 pub(crate) mod route;
 pub(crate) mod source;
 pub(crate) mod subscription;
@@ -33,11 +36,15 @@ pub(crate) mod visibility;
 use crate::auth::Claims;
 use crate::db::{Database, DbError, janitor, migrations};
 use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::resume::{self, Claim, Cursor, Identity, Store};
 use crate::topics::{Member, Registry};
 use index::{Index, Subscription};
 use realtime_wal_listener::{ConnectConfig, LagHandle, Listener, ListenerConfig};
 use source::{ChangeSource, WalSource};
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use subscription::SubscribeError;
 use tokio_util::sync::CancellationToken;
@@ -66,6 +73,15 @@ pub(crate) struct PostgresChanges {
     /// Rows of RLS tables as last seen, for DELETEs with the key only.
     pub(crate) deletes: deletes::RowMemory,
     pub(crate) delete_unknown: deletes::DeleteUnknown,
+    /// Positions of channels, live and parked; `None` when no state file could be opened.
+    pub(crate) resume: Option<Arc<Store>>,
+    /// Resuming channels, for the router.
+    resumers: tokio::sync::mpsc::UnboundedSender<Arc<Cursor>>,
+    /// The oldest LSN a channel needs (`u64::MAX`: none): the slot is not confirmed past it.
+    hold: AtomicU64,
+    /// Parked channels, and the WAL bytes held for channels, as of the last sweep.
+    pub(crate) parked: AtomicU64,
+    pub(crate) held_bytes: AtomicU64,
 }
 
 /// A channel's `postgres_changes` entries resolved for its claims, not yet in the index.
@@ -137,6 +153,17 @@ impl PostgresChanges {
         Ok(Resolved { viewer, bindings })
     }
 
+    /// A join with Postgres Changes: its slot in the resume store (a parked channel of the same
+    /// identity taken over, or a new one).
+    pub(crate) fn claim(&self, id: Identity, outbox: &Outbox) -> Option<Claim> {
+        Some(self.resume.as_ref()?.claim(id, outbox))
+    }
+
+    /// A resuming channel is in the index: the router decides when its replay starts.
+    pub(crate) fn admit(&self, cursor: Arc<Cursor>) {
+        let _ = self.resumers.send(cursor);
+    }
+
     /// Puts a channel's resolved subscriptions in the index, replacing what it had, in one
     /// step: a batch sees either the old set or the new one.
     pub(crate) fn register(&self, member: &Arc<Member>, resolved: Resolved) {
@@ -166,6 +193,11 @@ pub(crate) struct Settings {
     pub(crate) slow_consumer: Duration,
     pub(crate) delete_memory_bytes: usize,
     pub(crate) delete_unknown: deletes::DeleteUnknown,
+    pub(crate) resume_window: Duration,
+    pub(crate) resume_max_retained_bytes: u64,
+    /// The resume state file; `None`: next to the binary.
+    pub(crate) resume_path: Option<PathBuf>,
+    pub(crate) resume_slots: u32,
 }
 
 /// Why the Postgres side could not start.
@@ -177,6 +209,8 @@ pub enum StartError {
     Connect(String),
     #[error(transparent)]
     Migration(#[from] migrations::MigrationError),
+    #[error(transparent)]
+    Resume(#[from] resume::StoreError),
 }
 
 /// Connects, applies the migrations, and starts the listener and the router task.
@@ -203,12 +237,14 @@ pub(crate) async fn start(
     // A slot Postgres invalidated (past `max_slot_wal_keep_size`) is recreated, and subscribers
     // are told that changes were lost.
     listener_config.recreate_lost_slot = true;
+    let store = open_resume(settings, &db).await?;
     let (listener, transactions) = Listener::new(listener_config);
     let source = WalSource {
         transactions,
         ack: listener.ack_handle(),
     };
     let (live_tx, live) = tokio::sync::watch::channel(false);
+    let (resumers, resumers_rx) = tokio::sync::mpsc::unbounded_channel();
     let pg = Arc::new(PostgresChanges {
         db: db.clone(),
         index: Index::default(),
@@ -221,7 +257,15 @@ pub(crate) async fn start(
         slow_consumer: settings.slow_consumer,
         deletes: deletes::RowMemory::new(settings.delete_memory_bytes),
         delete_unknown: settings.delete_unknown,
+        resume: store,
+        resumers,
+        hold: AtomicU64::new(u64::MAX),
+        parked: AtomicU64::new(0),
+        held_bytes: AtomicU64::new(0),
     });
+    // The hold of what the last process left parked, before the first acknowledgement.
+    sweep(&pg);
+    tracker.spawn(sweep_loop(pg.clone(), shutdown.clone()));
     let listener_shutdown = shutdown.clone();
     let listener_pg = pg.clone();
     tracker.spawn(async move {
@@ -239,6 +283,7 @@ pub(crate) async fn start(
         registry,
         metrics,
         source,
+        resumers_rx,
         shutdown.clone(),
     ));
     if settings.migrate {
@@ -247,23 +292,82 @@ pub(crate) async fn start(
     Ok(pg)
 }
 
-/// Keeps the items whose position is past `last`, moving `last` with each one kept (positions
-/// within one batch can repeat when it spans a reconnect); returns how many were dropped.
-fn retain_new<T, P: PartialOrd + Copy>(
-    batch: &mut Vec<T>,
-    last: &mut P,
-    position: impl Fn(&T) -> P,
-) -> usize {
-    let before = batch.len();
-    batch.retain(|item| {
-        let at = position(item);
-        let new = at > *last;
-        if new {
-            *last = at;
+/// Opens the resume state file (default: next to the binary, else the temporary directory),
+/// and turns parked positions the slot no longer has into gaps.
+async fn open_resume(settings: &Settings, db: &Database) -> Result<Option<Arc<Store>>, StartError> {
+    let open = |path: PathBuf| {
+        resume::Store::open(&resume::Settings {
+            path,
+            slots: settings.resume_slots,
+            window: settings.resume_window,
+            max_retained_bytes: settings.resume_max_retained_bytes,
+        })
+    };
+    let file = format!("realtime-resume-{}.state", settings.slot);
+    let store = match &settings.resume_path {
+        Some(path) => open(path.clone())?,
+        None => {
+            let beside = std::env::current_exe()
+                .ok()
+                .and_then(|exe| exe.parent().map(|dir| dir.join(&file)));
+            match beside.map(open) {
+                Some(Ok(store)) => store,
+                other => {
+                    if let Some(Err(e)) = other {
+                        warn!(error = %e, "resume state not kept next to the binary: using the temporary directory");
+                    }
+                    match open(std::env::temp_dir().join(&file)) {
+                        Ok(store) => store,
+                        Err(e) => {
+                            warn!(error = %e, "no resume state file: channels cannot resume (set RESUME_STATE_PATH)");
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
         }
-        new
-    });
-    before - batch.len()
+    };
+    let confirmed = match db.client().await {
+        Ok(client) => client
+            .query_opt(
+                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots \
+                 WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
+                &[&settings.slot],
+            )
+            .await
+            .map(|row| row.map(|r| r.get::<_, i64>(0) as u64))
+            .map_err(|e| StartError::Connect(e.to_string()))?,
+        Err(e) => return Err(StartError::Connect(e.to_string())),
+    };
+    store.check_log(confirmed);
+    Ok(Some(Arc::new(store)))
+}
+
+/// Expires parked channels, enforces the retention cap and computes the hold.
+fn sweep(pg: &PostgresChanges) {
+    let Some(store) = &pg.resume else {
+        return;
+    };
+    let high = store.routed().max(pg.lag.lag().server.0);
+    let sweep = store.sweep(high);
+    let hold = sweep.hold.unwrap_or(u64::MAX);
+    pg.hold.store(hold, Ordering::Release);
+    pg.parked.store(sweep.parked as u64, Ordering::Relaxed);
+    pg.held_bytes.store(
+        sweep.hold.map_or(0, |h| high.saturating_sub(h)),
+        Ordering::Relaxed,
+    );
+}
+
+async fn sweep_loop(pg: Arc<PostgresChanges>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => sweep(&pg),
+        }
+    }
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -303,6 +407,9 @@ async fn watch_live(
         if gaps > told_gaps {
             told_gaps = gaps;
             tell_changes_lost(&pg, reason);
+            if let Some(store) = &pg.resume {
+                store.positions_lost();
+            }
         }
     }
 }
@@ -340,11 +447,13 @@ async fn route_loop(
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     mut source: impl ChangeSource,
+    mut resumers: tokio::sync::mpsc::UnboundedReceiver<Arc<Cursor>>,
     shutdown: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    // (commit LSN, part) of the last part routed: parts of a large transaction share its LSN.
-    let mut last_routed = (realtime_wal_listener::Lsn::default(), 0u32);
+    // What is live and what a replay: after a restart, what the last process routed live is a
+    // replay (for the channels that resume), the rest is live.
+    let mut replay = replay::Replay::new(pg.resume.as_ref().map_or(0, |s| s.routed()));
     let cx = route::Context {
         index: &pg.index,
         registry: &registry,
@@ -357,53 +466,50 @@ async fn route_loop(
     loop {
         let more = tokio::select! {
             () = shutdown.cancelled() => break,
+            Some(cursor) = resumers.recv() => {
+                Metrics::add(&metrics.resumes, 1);
+                if replay.admit(cursor) {
+                    Metrics::add(&metrics.restreams, 1);
+                    source.restream();
+                }
+                continue;
+            }
             more = source.next_batch(&mut batch, MAX_BATCH) => more,
         };
         if !more {
             break;
         }
-        // The stream is at-least-once: after a reconnect, transactions already routed come again
-        // with the same commit LSN (and parts cut at the same places). They were delivered once;
-        // drop them.
-        // A batch can hold both: the old session's parts still queued and the new session's
-        // first ones, so the position moves with each part kept.
-        let dropped = retain_new(&mut batch, &mut last_routed, |tx| (tx.commit_lsn, tx.chunk));
-        Metrics::add(&metrics.wal_redelivered, dropped as u64);
-        let stats = route::route(&cx, &batch).await;
+        // The stream is at-least-once and can be asked to stream again: a change already routed
+        // live goes only to channels replaying it (`replay`), and is dropped when none is.
+        let stats = route::route(&cx, &mut replay, &batch).await;
         let whole = batch.iter().filter(|tx| tx.last).count();
         Metrics::add(&metrics.wal_transactions, whole as u64);
+        Metrics::add(&metrics.wal_redelivered, stats.redelivered);
         Metrics::add(&metrics.wal_backpressure_waits, stats.waits);
         Metrics::add(&metrics.deletes_unknown, stats.deletes_unknown);
         Metrics::add(&metrics.wal_changes, stats.changes);
         Metrics::add(&metrics.postgres_changes_out, stats.frames);
+        Metrics::add(&metrics.replayed_changes, stats.replayed);
         Metrics::add(&metrics.dropped_deliveries, stats.dropped);
         Metrics::add(&metrics.visibility_queries, stats.visibility_queries);
         Metrics::add(&metrics.visibility_policy_decisions, stats.policy_decisions);
         Metrics::add(&metrics.db_broadcasts, stats.db_broadcasts);
-        // A transaction counts as delivered with its last part.
+        // A transaction counts as delivered with its last part; the slot is not confirmed past
+        // the oldest position a live or parked channel needs (the transaction before it).
         if let Some(done) = batch.iter().rev().find(|tx| tx.last) {
-            source.delivered(done.commit_lsn);
+            let done = done.commit_lsn.0;
+            if let Some(store) = &pg.resume {
+                store.set_routed(done);
+            }
+            let hold = pg.hold.load(Ordering::Acquire);
+            let ack = if hold == u64::MAX {
+                done
+            } else {
+                done.min(hold.saturating_sub(1))
+            };
+            source.delivered(realtime_wal_listener::Lsn(ack));
         }
         batch.clear();
     }
     warn!("change router stopped");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::retain_new;
-
-    #[test]
-    fn parts_streamed_again_are_dropped_even_within_one_batch() {
-        // Routed up to part 3 of the transaction at LSN 10; then the old session's parts 4 and 5
-        // and, after a reconnect, the new session's parts 0..7 arrive in one batch.
-        let mut last = (10u64, 3u32);
-        let mut batch: Vec<(u64, u32)> = vec![(10, 4), (10, 5)];
-        batch.extend((0..8).map(|part| (10, part)));
-        batch.push((11, 0));
-        let dropped = retain_new(&mut batch, &mut last, |p| *p);
-        assert_eq!(batch, vec![(10, 4), (10, 5), (10, 6), (10, 7), (11, 0)]);
-        assert_eq!(dropped, 6);
-        assert_eq!(last, (11, 0));
-    }
 }

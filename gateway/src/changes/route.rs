@@ -12,16 +12,19 @@ use super::deletes::{DeleteUnknown, RowMemory};
 use super::index::{Index, Subscription};
 use super::payload::{self, Shape};
 use super::policy::{self, Undecided};
+use super::replay::{Mode, Replay};
 use super::subscription::{EventFilter, TableAccess, TableBinding};
 use super::visibility::{self, Viewer};
 use crate::db::Database;
-use crate::outbox::Frame;
+use crate::outbox::{Frame, Mark};
+use crate::resume::Position;
 use crate::topics::Registry;
 use futures_util::StreamExt;
 use realtime_protocol::Vsn;
 use realtime_wal_listener::{Change, OldTuple, Relation, Transaction, Tuple, TupleValue};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tracing::{debug, warn};
 
 /// What a batch did, for metrics.
@@ -38,10 +41,16 @@ pub(crate) struct BatchStats {
     pub(crate) waits: u64,
     /// DELETEs of RLS tables whose old row was not known (`DELETE_UNKNOWN` decided).
     pub(crate) deletes_unknown: u64,
+    /// Frames queued to resuming channels from a replay.
+    pub(crate) replayed: u64,
+    /// Transactions (or parts) streamed again that no resuming channel needed.
+    pub(crate) redelivered: u64,
 }
 
 /// A change with the subscriptions whose event and filters it passes.
 struct Matched<'a> {
+    at: Position,
+    mode: Mode,
     xid: u32,
     commit_time: i64,
     relation: &'a Arc<Relation>,
@@ -87,9 +96,13 @@ pub(crate) struct Context<'a> {
 }
 
 /// Routes a batch of transactions. Every frame is queued when this returns.
-pub(crate) async fn route(cx: &Context<'_>, batch: &[Transaction]) -> BatchStats {
+pub(crate) async fn route(
+    cx: &Context<'_>,
+    replay: &mut Replay,
+    batch: &[Transaction],
+) -> BatchStats {
     let mut stats = BatchStats::default();
-    let matched = matching(cx, batch, &mut stats);
+    let matched = matching(cx, replay, batch, &mut stats);
     if matched.is_empty() {
         return stats;
     }
@@ -103,26 +116,45 @@ pub(crate) async fn route(cx: &Context<'_>, batch: &[Transaction]) -> BatchStats
 }
 
 /// The changes of the batch with the subscriptions they pass; broadcasts from the database are
-/// delivered on the way.
+/// delivered on the way. A change already routed live goes only to channels replaying it
+/// (`replay`).
 fn matching<'a>(
     cx: &Context<'_>,
+    replay: &mut Replay,
     batch: &'a [Transaction],
     stats: &mut BatchStats,
 ) -> Vec<Matched<'a>> {
     let mut matched = Vec::new();
     for tx in batch {
         let commit_time = tx.commit_time.unix_micros();
-        for change in &tx.changes {
+        let base = replay.begin(tx.commit_lsn.0, tx.chunk, tx.changes.len());
+        let mut skipped = 0;
+        for (i, change) in tx.changes.iter().enumerate() {
+            let at = Position {
+                lsn: tx.commit_lsn.0,
+                index: base.saturating_add(i as u32),
+            };
+            let mode = replay.change(at);
+            if mode == Mode::Skip {
+                skipped += 1;
+                continue;
+            }
             let relation = match change {
                 Change::Insert { relation, .. }
                 | Change::Update { relation, .. }
                 | Change::Delete { relation, .. } => relation,
                 _ => continue,
             };
-            stats.changes += 1;
+            if mode == Mode::Live {
+                stats.changes += 1;
+            }
             if let Change::Insert { new, .. } = change
                 && database_broadcast::is_messages(relation)
             {
+                // Broadcasts from the database are not replayed (resume is for changes).
+                if mode == Mode::Replay {
+                    continue;
+                }
                 stats.db_broadcasts +=
                     u64::from(database_broadcast::deliver(cx.registry, relation, new));
                 continue;
@@ -130,14 +162,20 @@ fn matching<'a>(
             let Some(subs) = cx.index.snapshot(relation.id) else {
                 continue;
             };
-            let old_row = old_row(cx.deletes, &subs, relation, change);
             let passing: Vec<_> = subs
                 .iter()
-                .filter(|s| passes(&s.binding, relation, change))
+                .filter(|s| {
+                    Replay::admits(mode, s.member.resume.as_deref(), at)
+                        && passes(&s.binding, relation, change)
+                })
                 .cloned()
                 .collect();
+            // The row memory follows the live stream only; a replay reads what it has.
+            let old_row = old_row(cx.deletes, &subs, relation, change, mode == Mode::Live);
             if !passing.is_empty() {
                 matched.push(Matched {
+                    at,
+                    mode,
                     xid: tx.xid,
                     commit_time,
                     relation,
@@ -146,6 +184,9 @@ fn matching<'a>(
                     old_row,
                 });
             }
+        }
+        if skipped > 0 && skipped == tx.changes.len() {
+            stats.redelivered += 1;
         }
     }
     matched
@@ -157,9 +198,20 @@ fn old_row<'a>(
     subs: &[Arc<Subscription>],
     relation: &Relation,
     change: &'a Change,
+    live: bool,
 ) -> OldRow<'a> {
     if !subs.first().is_some_and(|s| s.binding.access.rls) {
         return OldRow::NotNeeded;
+    }
+    if !live {
+        return match change {
+            Change::Delete {
+                old: Some(OldTuple::Full(t)),
+                ..
+            } => OldRow::Wal(t),
+            Change::Delete { .. } => OldRow::Unknown,
+            _ => OldRow::NotNeeded,
+        };
     }
     match change {
         Change::Insert { new, .. } => {
@@ -594,7 +646,7 @@ async fn deliver(
     stats: &mut BatchStats,
 ) {
     let max_record_bytes = cx.max_record_bytes;
-    let mut frames: FastMap<FrameKey, Frame> = FastMap::default();
+    let mut frames: FastMap<FrameKey, Utf8Bytes> = FastMap::default();
     let mut shapes: Vec<Shape> = Vec::new();
     let mut datas: Vec<Option<String>> = Vec::new();
     let mut run: Vec<(usize, Vec<u32>, usize)> = Vec::new();
@@ -658,7 +710,7 @@ async fn deliver(
                 let frame = frames
                     .entry((shape_idx, sub.member.vsn, topic_key, ids))
                     .or_insert_with_key(|(_, vsn, _, ids)| {
-                        Frame::text(vsn.encode_with(
+                        Utf8Bytes::from(vsn.encode_with(
                             None,
                             None,
                             topic,
@@ -668,6 +720,17 @@ async fn deliver(
                         ))
                     })
                     .clone();
+                let frame = match &sub.member.resume {
+                    Some(cursor) => Frame::Change(
+                        frame,
+                        Mark {
+                            slot: cursor.slot,
+                            lsn: m.at.lsn,
+                            index: m.at.index,
+                        },
+                    ),
+                    None => Frame::Text(frame),
+                };
                 let queued = match sub.member.outbox.try_push_stream(frame) {
                     Ok(queued) => queued,
                     Err(frame) => {
@@ -678,6 +741,9 @@ async fn deliver(
                 };
                 if queued {
                     stats.frames += 1;
+                    if m.mode == Mode::Replay {
+                        stats.replayed += 1;
+                    }
                 } else {
                     stats.dropped += 1;
                 }

@@ -22,8 +22,13 @@ pub(crate) trait ChangeSource: Send {
         max: usize,
     ) -> impl Future<Output = bool> + Send + 'a;
 
-    /// Everything up to and including `lsn` reached the sockets' outboxes.
+    /// Everything up to and including `lsn` reached the sockets' outboxes, and no channel
+    /// needs it again.
     fn delivered(&self, lsn: Lsn);
+
+    /// Streams again from the oldest position not delivered (for channels that resume): the
+    /// transactions after it come again, in order, after whatever was already queued.
+    fn restream(&self);
 }
 
 /// The local WAL listener's stream of transactions.
@@ -50,5 +55,9 @@ impl ChangeSource for WalSource {
 
     fn delivered(&self, lsn: Lsn) {
         self.ack.ack(lsn);
+    }
+
+    fn restream(&self) {
+        self.ack.restream();
     }
 }

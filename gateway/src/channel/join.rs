@@ -13,6 +13,7 @@ use crate::auth::{Claims, now_seconds};
 use crate::changes::Resolved;
 use crate::db::{authorization, replay};
 use crate::metrics::Metrics;
+use crate::resume::{Claim, Identity};
 use crate::state::Shared;
 use crate::topics::{NewMember, ReadAccess, TopicKey};
 use realtime_protocol::payload::{self, JoinPayload, PostgresChangesEntry};
@@ -194,6 +195,36 @@ impl Channels {
             Some((outcome, resolved)) => (Some(outcome), resolved),
             None => (None, None),
         };
+        // Its place in the change log: a parked channel of the same client taken over, or a
+        // new one (told of a gap when it could not resume).
+        let claim = match (&self.shared.postgres, &resolved) {
+            (Some(pg), Some(_)) => pg.claim(
+                Identity::of(
+                    &plan.claims.all,
+                    &plan.claims.role,
+                    &plan.token,
+                    &plan.topic,
+                    plan.private,
+                    &plan.pg_entries,
+                ),
+                &self.outbox,
+            ),
+            _ => None,
+        };
+        let (cursor, resumed, gap) = match claim {
+            Some(Claim::Resumed(cursor)) => (Some(cursor.clone()), Some(cursor), None),
+            Some(Claim::Fresh { cursor, gap }) => (cursor, None, gap),
+            None => (None, None, None),
+        };
+        let gap_system = gap.map(|reason| {
+            Metrics::add(&self.shared.metrics.resume_gaps, 1);
+            payload::system(
+                "postgres_changes",
+                false,
+                &reason.message(),
+                Some(&plan.sub_topic),
+            )
+        });
         let system = outcome.as_ref().map(|outcome| {
             let (ok, message) = outcome.system_message();
             payload::system("postgres_changes", ok, &message, Some(&plan.sub_topic))
@@ -206,6 +237,7 @@ impl Channels {
             outbox: self.outbox.clone(),
             vsn: self.vsn(),
             read,
+            resume: cursor,
         };
         let join_ref = plan.join_ref.as_ref();
         let (topic, member) = self.shared.registry.join(key, new, |member, inner| {
@@ -222,6 +254,9 @@ impl Channels {
             if let Some(system) = &system {
                 self.send(join_ref, None, &plan.topic, "system", system);
             }
+            if let Some(gap) = &gap_system {
+                self.send(join_ref, None, &plan.topic, "system", gap);
+            }
             if plan.presence_enabled && member.read.presence() {
                 let state = inner.presence.render();
                 self.send(join_ref, None, &plan.topic, "presence_state", &state);
@@ -230,6 +265,11 @@ impl Channels {
         // After the reply: the first change frame of this channel follows it.
         if let (Some(pg), Some(resolved)) = (&self.shared.postgres, resolved) {
             pg.register(&member, resolved);
+            // In the index, waiting: the router starts its replay.
+            if let Some(cursor) = resumed {
+                debug!(topic = %plan.topic, from = ?cursor.from(), "channel resumes");
+                pg.admit(cursor);
+            }
         }
         let metrics = &self.shared.metrics;
         Metrics::add(&metrics.joins_total, 1);

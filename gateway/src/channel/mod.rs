@@ -24,6 +24,7 @@ mod work;
 use crate::auth::Claims;
 use crate::metrics::Metrics;
 use crate::outbox::{Frame, Outbox};
+use crate::resume::{Cursor, ParkAt};
 use crate::state::Shared;
 use crate::topics::{Member, Topic};
 use bytes::Bytes;
@@ -330,10 +331,21 @@ impl Channels {
     }
 
     /// Removes a channel from the topic, the change index and presence without telling the
-    /// client.
+    /// client; it will not resume.
     fn forget(&self, channel: Channel) {
+        self.remove(channel, None);
+    }
+
+    /// Removes a channel; `park`: its Postgres Changes are kept for a resume, at that position.
+    fn remove(&self, channel: Channel, park: Option<ParkAt>) {
         if let Some(pg) = &self.shared.postgres {
             pg.index.remove(channel.member.id);
+            if let (Some(store), Some(cursor)) = (&pg.resume, &channel.member.resume) {
+                match park {
+                    Some(at) => store.park(cursor, at),
+                    None => store.release(cursor),
+                }
+            }
         }
         self.shared
             .registry
@@ -341,12 +353,25 @@ impl Channels {
         Metrics::gauge(&self.shared.metrics.channels, -1);
     }
 
-    /// Leaves every channel (the socket is closing); running jobs are dropped.
-    pub(crate) fn close_all(&mut self) {
+    /// Leaves every channel (the socket is closing) and parks their Postgres Changes at `park`;
+    /// running jobs are dropped.
+    pub(crate) fn close_all(&mut self, park: ParkAt) {
         self.work = Work::default();
         for (_, channel) in std::mem::take(&mut self.by_topic) {
-            self.forget(channel);
+            self.remove(channel, Some(park));
         }
+    }
+
+    /// The resume cursor of the channel in `slot`.
+    pub(crate) fn cursor(&self, slot: u32) -> Option<&Arc<Cursor>> {
+        self.cursors().find(|c| c.slot == slot)
+    }
+
+    /// The resume cursors of this socket's channels.
+    pub(crate) fn cursors(&self) -> impl Iterator<Item = &Arc<Cursor>> {
+        self.by_topic
+            .values()
+            .filter_map(|c| c.member.resume.as_ref())
     }
 
     /// A `phx_reply` on a joined channel.

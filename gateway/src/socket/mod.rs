@@ -9,11 +9,19 @@
 //!
 //! Closing: the socket closes when the client closes, when it idles out, when its outbox
 //! overflows (it does not drain), or on shutdown. Whatever the cause, every channel leaves the
-//! registry and its presence is removed.
+//! registry and its presence is removed; a channel with Postgres Changes is parked for resume
+//! (`crate::resume`).
+//!
+//! Positions: after writing `postgres_changes` frames the socket sends a WebSocket ping (one in
+//! flight at a time); the client's pong confirms every frame written before it. What was
+//! written and what was confirmed go to each channel's resume slot. A socket the client closed
+//! or that went silent parks its channels at what was confirmed, one the server closed at what
+//! was written (a client that never answers pings is taken at what was written).
 
 use crate::channel::{Channels, SocketParams};
 use crate::metrics::{CloseKind, Metrics};
 use crate::outbox::{CloseReason, Frame, OutboxReceiver};
+use crate::resume::{ParkAt, Position, Store};
 use crate::state::Shared;
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use std::pin::pin;
@@ -44,11 +52,119 @@ where
         kill.clone(),
     );
     let mut channels = Channels::new(shared.clone(), params, outbox);
-    let kind = run(&shared, ws, rx, &kill, &mut channels).await;
-    channels.close_all();
+    let mut confirms = Confirms::default();
+    let kind = run(&shared, ws, rx, &kill, &mut channels, &mut confirms).await;
+    let park = match kind {
+        CloseKind::SlowConsumer | CloseKind::Shutdown => ParkAt::Written,
+        _ if confirms.pinged && !confirms.ponged => ParkAt::Written,
+        _ => ParkAt::Confirmed,
+    };
+    channels.close_all(park);
     metrics.closed(kind);
     Metrics::gauge(&metrics.connections, -1);
     debug!(reason = ?kind, "socket closed");
+}
+
+/// Change frames written and what the client confirmed.
+#[derive(Debug, Default)]
+struct Confirms {
+    /// (slot, position) written in the current batch.
+    batch: Vec<(u32, Position)>,
+    /// Written since the last ping.
+    dirty: Vec<(u32, Position)>,
+    /// The ping in flight: its number and what its pong confirms.
+    in_flight: Option<(u64, Vec<(u32, Position)>)>,
+    next_ping: u64,
+    pinged: bool,
+    ponged: bool,
+    last_advance: Option<Instant>,
+}
+
+impl Confirms {
+    fn note(list: &mut Vec<(u32, Position)>, slot: u32, at: Position) {
+        match list.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, p)) => *p = (*p).max(at),
+            None => list.push((slot, at)),
+        }
+    }
+
+    /// The ping to send after this batch, if one is due.
+    fn ping(&mut self) -> Option<Message> {
+        for (slot, at) in std::mem::take(&mut self.batch) {
+            Confirms::note(&mut self.dirty, slot, at);
+        }
+        if self.dirty.is_empty() || self.in_flight.is_some() {
+            return None;
+        }
+        self.next_ping += 1;
+        self.pinged = true;
+        self.in_flight = Some((self.next_ping, std::mem::take(&mut self.dirty)));
+        Some(Message::Ping(self.next_ping.to_be_bytes().to_vec().into()))
+    }
+
+    /// A pong: what its ping covered is confirmed.
+    fn pong(&mut self, data: &[u8], channels: &Channels) -> bool {
+        let matches = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|(n, _)| data == n.to_be_bytes());
+        if !matches {
+            return false;
+        }
+        self.ponged = true;
+        if let Some((_, covered)) = self.in_flight.take() {
+            for (slot, at) in covered {
+                if let Some(cursor) = channels.cursor(slot) {
+                    cursor.confirm(at);
+                }
+            }
+        }
+        true
+    }
+}
+
+/// Records what a batch wrote, and marks the channels its ping covers.
+fn record_written(store: &Store, channels: &Channels, confirms: &Confirms) {
+    for (slot, at) in &confirms.batch {
+        if let Some(cursor) = channels.cursor(*slot) {
+            store.written(cursor, *at);
+        }
+    }
+    mark_pinged(channels, confirms);
+}
+
+/// The channels the ping in flight covers wait for its pong since now (if not already).
+fn mark_pinged(channels: &Channels, confirms: &Confirms) {
+    let now = crate::resume::now_ms();
+    if let Some((_, covered)) = &confirms.in_flight {
+        for (slot, _) in covered {
+            if let Some(cursor) = channels.cursor(*slot) {
+                cursor.pinged(now);
+            }
+        }
+    }
+}
+
+/// An idle socket: nothing queued, every change frame written confirmed. Its live channels
+/// have handled everything the router finished, so their positions move up to it (at most once
+/// a second), and a parked one would not hold WAL it does not need.
+fn advance_idle(store: &Store, rx: &OutboxReceiver, channels: &Channels, confirms: &mut Confirms) {
+    if confirms
+        .last_advance
+        .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+    {
+        return;
+    }
+    // Read before looking at the queue: every frame of what was routed up to here was queued
+    // before it was published.
+    let routed = store.routed();
+    if !rx.is_empty() || confirms.in_flight.is_some() || !confirms.dirty.is_empty() {
+        return;
+    }
+    confirms.last_advance = Some(Instant::now());
+    for cursor in channels.cursors() {
+        store.advance(cursor, Position::whole(routed));
+    }
 }
 
 async fn run<S>(
@@ -57,10 +173,12 @@ async fn run<S>(
     mut rx: OutboxReceiver,
     kill: &CancellationToken,
     channels: &mut Channels,
+    confirms: &mut Confirms,
 ) -> CloseKind
 where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
+    let store = shared.postgres.as_ref().and_then(|pg| pg.resume.clone());
     let idle = shared.config.idle_timeout();
     let mut idle_deadline = pin!(tokio::time::sleep(idle));
     let kind = loop {
@@ -69,22 +187,40 @@ where
             biased;
             () = kill.cancelled() => break match rx.close_reason() {
                 CloseReason::SlowConsumer => CloseKind::SlowConsumer,
+                CloseReason::Replaced => CloseKind::Replaced,
                 CloseReason::Shutdown | CloseReason::None => CloseKind::Shutdown,
             },
             frame = rx.recv() => {
                 let Some(frame) = frame else { break CloseKind::Error };
                 let written = tokio::select! {
-                    r = write_batch(&mut ws, &mut rx, frame, &shared.metrics) => r,
+                    r = write_batch(&mut ws, &mut rx, frame, &shared.metrics, confirms) => r,
                     () = kill.cancelled() => continue,
                 };
                 if written.is_err() {
                     break CloseKind::Error;
                 }
+                if let Some(store) = &store {
+                    record_written(store, channels, confirms);
+                    advance_idle(store, &rx, channels, confirms);
+                }
+                confirms.batch.clear();
             }
             (topic, step) = std::future::poll_fn(|cx| channels.poll_work(cx)), if channels.has_work() => {
                 channels.finish_job(topic, step);
             }
             message = ws.next(), if !channels.backlogged() => {
+                if let Some(Ok(Message::Pong(data))) = &message {
+                    // A pong is not a heartbeat: it does not keep an idle socket open.
+                    if confirms.pong(data, channels)
+                        && let Some(ping) = confirms.ping()
+                    {
+                        if ws.send(ping).await.is_err() {
+                            break CloseKind::Error;
+                        }
+                        mark_pinged(channels, confirms);
+                    }
+                    continue;
+                }
                 idle_deadline.as_mut().reset(Instant::now() + idle);
                 match message {
                     Some(Ok(Message::Text(text))) => channels.handle_text(text.as_str()),
@@ -110,6 +246,10 @@ where
         }
         CloseKind::Shutdown => Some((CloseCode::Away, "server shutting down")),
         CloseKind::IdleTimeout => Some((CloseCode::Normal, "idle timeout")),
+        CloseKind::Replaced => Some((
+            CloseCode::Normal,
+            "replaced by a new connection of the client",
+        )),
         CloseKind::Client | CloseKind::Error => None,
     };
     if let Some((code, reason)) = close {
@@ -133,6 +273,7 @@ async fn write_batch<S>(
     rx: &mut OutboxReceiver,
     first: Frame,
     metrics: &Metrics,
+    confirms: &mut Confirms,
 ) -> Result<(), WsError>
 where
     S: Sink<Message, Error = WsError> + Unpin,
@@ -146,6 +287,14 @@ where
         ws.feed(match frame {
             Frame::Text(t) => Message::Text(t),
             Frame::Binary(b) => Message::Binary(b),
+            Frame::Change(t, mark) => {
+                let at = Position {
+                    lsn: mark.lsn,
+                    index: mark.index,
+                };
+                Confirms::note(&mut confirms.batch, mark.slot, at);
+                Message::Text(t)
+            }
         })
         .await?;
         next = if frames < WRITE_BATCH {
@@ -153,6 +302,15 @@ where
         } else {
             None
         };
+    }
+    // The ping goes in the same flush as the frames it covers.
+    if !confirms.batch.is_empty() {
+        let pending = confirms.batch.clone();
+        if let Some(ping) = confirms.ping() {
+            ws.feed(ping).await?;
+        }
+        // `ping` moved the batch into what the ping covers; the caller records it as written.
+        confirms.batch = pending;
     }
     ws.flush().await?;
     Metrics::add(&metrics.messages_out, frames as u64);

@@ -30,6 +30,8 @@ pub(crate) struct Member {
     /// frames can be keyed by its address.
     pub(crate) key: TopicKey,
     pub(crate) read: ReadAccess,
+    /// The channel's place in the change log, when it has Postgres Changes (`crate::resume`).
+    pub(crate) resume: Option<Arc<crate::resume::Cursor>>,
 }
 
 impl Member {

@@ -66,6 +66,7 @@ pub(crate) struct NewMember {
     pub(crate) outbox: Outbox,
     pub(crate) vsn: Vsn,
     pub(crate) read: ReadAccess,
+    pub(crate) resume: Option<Arc<crate::resume::Cursor>>,
 }
 
 impl Registry {
@@ -116,6 +117,7 @@ impl Registry {
             vsn: new.vsn,
             key: topic.key.clone(),
             read: new.read,
+            resume: new.resume,
         });
         let mut inner = lock(&topic.inner);
         inner.members.push(member.clone());
@@ -305,6 +307,7 @@ mod tests {
             outbox,
             vsn,
             read: ReadAccess::public(),
+            resume: None,
         };
         (new, rx)
     }
