@@ -107,17 +107,20 @@ function pipeLines(stream, sink, prefix) {
 /**
  * Starts the gateway and waits for `GET /healthcheck` to answer 200.
  *
- * @param {{ env?: Record<string, string> }} [options] per-test environment overrides
+ * `port` and `secret` start it again where a stopped one was (a restart, with the tokens its
+ * clients hold still valid).
+ *
+ * @param {{ env?: Record<string, string>, port?: number, secret?: string }} [options]
  */
-export async function startGateway({ env = {} } = {}) {
+export async function startGateway({ env = {}, port: wantedPort, secret: wantedSecret } = {}) {
   const bin = gatewayBinary()
   if (!existsSync(bin)) {
     throw new Error(
       `gateway binary not found at ${bin}: run \`cargo build -p realtime-gateway\` or set GATEWAY_BIN`,
     )
   }
-  const port = await freePort()
-  const secret = randomBytes(30).toString('base64url') // 40 characters
+  const port = wantedPort ?? (await freePort())
+  const secret = wantedSecret ?? randomBytes(30).toString('base64url') // 40 characters
   const childEnv = { ...process.env }
   delete childEnv.JWT_SECRET
   Object.assign(
