@@ -6,8 +6,9 @@
 #   GATEWAY_BIN=/path/to/realtime-gateway scripts/test-js.sh    use that binary, build nothing
 #   GATEWAY_LOG=1 scripts/test-js.sh         show the gateway's own output
 #
-# Needs node >= 20 and npm. npm packages are installed from tests/js/package-lock.json with `npm ci`
-# whenever node_modules is missing or older than the lockfile.
+# Needs node >= 20 and npm, and python3 with venv. npm packages are installed from
+# tests/js/package-lock.json with `npm ci` whenever node_modules is missing or older than the
+# lockfile; the Python SDK from tests/py/requirements.txt into tests/py/.venv.
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,6 +25,17 @@ if [ ! -f "$marker" ] || [ "$js/package-lock.json" -nt "$marker" ] || [ "$js/pac
   echo "test-js: installing npm packages (npm ci)" >&2
   (cd "$js" && npm ci --no-audit --no-fund)
 fi
+
+# The Python SDK (realtime-py) for the drills that run it: a venv of its own, made once.
+venv="$repo/tests/py/.venv"
+requirements="$repo/tests/py/requirements.txt"
+if [ ! -x "$venv/bin/python" ] || [ "$requirements" -nt "$venv/.installed" ]; then
+  echo "test-js: installing the Python SDK (tests/py/requirements.txt)" >&2
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$requirements"
+  touch "$venv/.installed"
+fi
+export PYTHON_SDK="$venv/bin/python"
 
 if [ -z "${GATEWAY_BIN:-}" ]; then
   echo "test-js: building realtime-gateway" >&2

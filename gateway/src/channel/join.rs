@@ -216,11 +216,13 @@ impl Channels {
             Some(Claim::Fresh { cursor, gap }) => (cursor, None, gap),
             None => (None, None, None),
         };
+        // Status ok: the channel is subscribed and stays so (realtime-py takes a system error
+        // for a failed channel and rejoins); the message says what was missed and why.
         let gap_system = gap.map(|reason| {
             Metrics::add(&self.shared.metrics.resume_gaps, 1);
             payload::system(
                 "postgres_changes",
-                false,
+                true,
                 &reason.message(),
                 Some(&plan.sub_topic),
             )
