@@ -33,6 +33,8 @@ mod outbox;
 mod resume;
 mod socket;
 mod state;
+#[cfg(test)]
+mod test_support;
 mod topics;
 
 pub use changes::StartError;

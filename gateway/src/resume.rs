@@ -504,6 +504,21 @@ impl Store {
         }
     }
 
+    /// The database's WAL is at `current`: a routed position past it belongs to another
+    /// database (the state file outlived its cluster), so it and every parked position are void.
+    pub(crate) fn check_wal(&self, current: u64) {
+        if self.routed() <= current {
+            return;
+        }
+        warn!(
+            routed = self.routed(),
+            current, "the resume state file is from another database: starting it afresh"
+        );
+        self.routed.store(0, Ordering::Release);
+        let _ = self.file.write_all_at(&0u64.to_le_bytes(), 8);
+        self.positions_lost();
+    }
+
     /// The slot was lost and recreated: every parked position is gone.
     pub(crate) fn positions_lost(&self) {
         let mut book = lock(&self.book);
@@ -557,8 +572,12 @@ impl Store {
                 ..
             } = &book.entries[slot as usize]
         {
-            // Its socket has not answered a ping for a while: the client is this join.
-            old.retired.store(true, Ordering::Release);
+            // Its socket has not answered a ping for a while: the client is this join. Retired
+            // under its write lock: the old socket's last `pwrite` lands before the new record.
+            {
+                let _writing = lock(&old.written);
+                old.retired.store(true, Ordering::Release);
+            }
             old_outbox.close(CloseReason::Replaced);
             let at = old.confirmed();
             info!(
@@ -648,16 +667,11 @@ impl Store {
 
     /// Frames up to `at` were written to the cursor's socket (one `pwrite`).
     pub(crate) fn written(&self, cursor: &Cursor, at: Position) {
-        if cursor.is_retired() {
+        let mut written = lock(&cursor.written);
+        if at <= *written || cursor.is_retired() {
             return;
         }
-        {
-            let mut written = lock(&cursor.written);
-            if at <= *written {
-                return;
-            }
-            *written = at;
-        }
+        *written = at;
         self.persist_position(cursor.slot, at);
     }
 
@@ -1058,6 +1072,36 @@ mod tests {
     }
 
     #[test]
+    fn a_state_file_from_another_database_starts_afresh() {
+        let dir = temp_dir("other");
+        {
+            let store = Store::open(&settings(&dir)).unwrap();
+            store.set_routed(1_000_000);
+            let Claim::Fresh {
+                cursor: Some(cursor),
+                ..
+            } = store.claim(id(3), &outbox())
+            else {
+                panic!("fresh");
+            };
+            store.park(&cursor, ParkAt::Written);
+        }
+        let store = Store::open(&settings(&dir)).unwrap();
+        assert_eq!(store.routed(), 1_000_000);
+        // This database's WAL is at 5000: nothing of the file can be from it.
+        store.check_wal(5000);
+        assert_eq!(store.routed(), 0);
+        assert!(matches!(
+            store.claim(id(3), &outbox()),
+            Claim::Fresh {
+                gap: Some(GapReason::PositionLost),
+                ..
+            }
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_second_process_cannot_open_the_same_file() {
         let dir = temp_dir("lock");
         let _first = Store::open(&settings(&dir)).unwrap();
@@ -1065,6 +1109,46 @@ mod tests {
         // just as another process would.
         let second = Store::open(&settings(&dir));
         assert!(second.is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Memory per parked channel: what 200,000 parked channels add to the process (their
+    /// records are in the file, in the page cache, not counted).
+    #[test]
+    fn memory_per_parked_channel_is_bounded() {
+        const N: u32 = 200_000;
+        let dir = temp_dir("memory");
+        let mut s = settings(&dir);
+        s.slots = N;
+        let store = Store::open(&s).unwrap();
+        let outbox = outbox();
+        let ids: Vec<Identity> = (0..N)
+            .map(|i| {
+                let mut id = [0u8; 32];
+                id[..4].copy_from_slice(&i.to_le_bytes());
+                Identity(id)
+            })
+            .collect();
+        let before = crate::test_support::resident_bytes();
+        for id in &ids {
+            let Claim::Fresh {
+                cursor: Some(cursor),
+                ..
+            } = store.claim(*id, &outbox)
+            else {
+                panic!("fresh");
+            };
+            store.park(&cursor, ParkAt::Written);
+        }
+        let per_parked = crate::test_support::resident_bytes().saturating_sub(before) / N as usize;
+        println!(
+            "resume: {per_parked} bytes of memory per parked channel (+ a 64-byte record in the file)"
+        );
+        assert!(
+            per_parked > 0 && per_parked < 512,
+            "{per_parked} bytes per parked channel"
+        );
+        assert_eq!(store.sweep(0).parked, N as usize);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -347,6 +347,9 @@ impl Listener {
             "START_REPLICATION SLOT {} LOGICAL 0/0 ({options})",
             replication::quote_ident(slot)
         );
+        // This session starts from the slot's confirmed position: a restream asked for until
+        // now is this one.
+        self.shared.restream.store(false, Ordering::Release);
         conn.start_replication(&sql).await.map_err(map_err)?;
         *streamed = true;
         self.streamed_before = true;

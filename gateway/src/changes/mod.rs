@@ -327,18 +327,27 @@ async fn open_resume(settings: &Settings, db: &Database) -> Result<Option<Arc<St
             }
         }
     };
-    let confirmed = match db.client().await {
-        Ok(client) => client
-            .query_opt(
-                "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots \
-                 WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
-                &[&settings.slot],
-            )
-            .await
-            .map(|row| row.map(|r| r.get::<_, i64>(0) as u64))
-            .map_err(|e| StartError::Connect(e.to_string()))?,
-        Err(e) => return Err(StartError::Connect(e.to_string())),
-    };
+    let client = db
+        .client()
+        .await
+        .map_err(|e| StartError::Connect(e.to_string()))?;
+    let query = |e: tokio_postgres::Error| StartError::Connect(e.to_string());
+    // (Not on a standby, where there is no current WAL position to compare with.)
+    if let Ok(row) = client
+        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::int8", &[])
+        .await
+    {
+        store.check_wal(row.get::<_, i64>(0) as u64);
+    }
+    let confirmed = client
+        .query_opt(
+            "SELECT (confirmed_flush_lsn - '0/0')::int8 FROM pg_replication_slots \
+             WHERE slot_name = $1 AND confirmed_flush_lsn IS NOT NULL",
+            &[&settings.slot],
+        )
+        .await
+        .map_err(query)?
+        .map(|r| r.get::<_, i64>(0) as u64);
     store.check_log(confirmed);
     Ok(Some(Arc::new(store)))
 }

@@ -131,6 +131,12 @@ fn render_metrics(shared: &Shared) -> String {
         let (gaps, _) = pg.lag.gaps();
         let (retained, status) = pg.lag.retained();
         let (memory_bytes, memory_rows) = pg.deletes.usage();
+        let parked = pg.parked.load(std::sync::atomic::Ordering::Relaxed);
+        let held = pg.held_bytes.load(std::sync::atomic::Ordering::Relaxed);
+        let unresumable = pg
+            .resume
+            .as_ref()
+            .map_or(0, |s| s.full.load(std::sync::atomic::Ordering::Relaxed));
         let mut statuses = String::new();
         for s in realtime_wal_listener::listener::WAL_STATUSES {
             statuses.push_str(&format!(
@@ -144,6 +150,9 @@ fn render_metrics(shared: &Shared) -> String {
              # HELP realtime_wal_gaps_total Times the replication slot was lost and recreated (changes lost; subscribers were told).\n# TYPE realtime_wal_gaps_total counter\nrealtime_wal_gaps_total {gaps}\n\
              # HELP realtime_delete_memory_bytes Bytes of RLS-table rows remembered for DELETEs that carry only the key.\n# TYPE realtime_delete_memory_bytes gauge\nrealtime_delete_memory_bytes {memory_bytes}\n\
              # HELP realtime_delete_memory_rows RLS-table rows remembered for DELETEs.\n# TYPE realtime_delete_memory_rows gauge\nrealtime_delete_memory_rows {memory_rows}\n\
+             # HELP realtime_resume_parked Channels parked for resume (their socket went away without leaving).\n# TYPE realtime_resume_parked gauge\nrealtime_resume_parked {parked}\n\
+             # HELP realtime_resume_held_bytes WAL between the oldest position a live or parked channel needs and the newest change.\n# TYPE realtime_resume_held_bytes gauge\nrealtime_resume_held_bytes {held}\n\
+             # HELP realtime_resume_unresumable_total Channels that got no resume slot (RESUME_SLOTS full).\n# TYPE realtime_resume_unresumable_total counter\nrealtime_resume_unresumable_total {unresumable}\n\
              # HELP realtime_wal_slot_retained_bytes WAL the replication slot keeps on the server.\n# TYPE realtime_wal_slot_retained_bytes gauge\nrealtime_wal_slot_retained_bytes {retained}\n\
              # HELP realtime_wal_slot_status The slot's wal_status (lost: invalidated).\n# TYPE realtime_wal_slot_status gauge\n{statuses}\
              # HELP realtime_wal_lag_bytes WAL bytes not yet confirmed to Postgres.\n# TYPE realtime_wal_lag_bytes gauge\nrealtime_wal_lag_bytes {}\n\

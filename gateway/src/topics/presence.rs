@@ -260,16 +260,6 @@ mod tests {
         assert_eq!(object_body(&json!([1])), None);
     }
 
-    fn resident_bytes() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-        let pages: usize = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        pages * 4096
-    }
-
     /// Memory per tracked presence: the resident memory 200,000 presences add to the process
     /// (large enough to drown what tests running beside it allocate), beyond the meta's text.
     #[test]
@@ -277,12 +267,12 @@ mod tests {
         const N: usize = 200_000;
         let meta = r#""online_at":"2025-01-01T00:00:00.000Z","status":"online","user_id":"2b7f3c1e-8f0a-4d3b-9a51-2c7e4f1d6a90""#;
         let keys: Vec<Arc<str>> = (0..N).map(|i| Arc::from(format!("user-{i:05}"))).collect();
-        let before = resident_bytes();
+        let before = crate::test_support::resident_bytes();
         let mut state = PresenceState::default();
         for (i, key) in keys.iter().enumerate() {
             state.track(MemberId(i as u64), key, meta);
         }
-        let per_presence = resident_bytes().saturating_sub(before) / N;
+        let per_presence = crate::test_support::resident_bytes().saturating_sub(before) / N;
         let overhead = per_presence.saturating_sub(meta.len());
         println!(
             "presence: {per_presence} bytes per tracked presence ({} bytes of meta, {overhead} of state)",
