@@ -155,6 +155,8 @@ pub(crate) struct Cursor {
     retired: AtomicBool,
     /// Past the retention cap: no longer holds WAL, and parks as a gap.
     unresumable: AtomicBool,
+    /// Its written position changed since the file last got it.
+    dirty: AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -173,6 +175,7 @@ impl Cursor {
             ping_since_ms: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             unresumable: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
         }
     }
 
@@ -344,6 +347,11 @@ const STATE_GAP: u8 = 3;
 #[derive(Debug)]
 pub(crate) struct Store {
     file: File,
+    /// The records as the file has them (64 bytes per slot), so positions go to the file in
+    /// runs of adjacent records.
+    image: Mutex<Vec<u8>>,
+    /// Cursors whose written position the file does not have yet.
+    dirty: Mutex<Vec<Arc<Cursor>>>,
     book: Mutex<Book>,
     capacity: u32,
     window_ms: u64,
@@ -384,6 +392,8 @@ impl Store {
         lock_file(&file, path).map_err(err)?;
         let store = Store {
             file,
+            image: Mutex::new(Vec::new()),
+            dirty: Mutex::new(Vec::new()),
             book: Mutex::new(Book::default()),
             capacity: settings.slots.max(1),
             window_ms: settings.window.as_millis() as u64,
@@ -665,19 +675,68 @@ impl Store {
         book.entries[slot as usize] = entry;
     }
 
-    /// Frames up to `at` were written to the cursor's socket (one `pwrite`).
-    pub(crate) fn written(&self, cursor: &Cursor, at: Position) {
-        let mut written = lock(&cursor.written);
-        if at <= *written || cursor.is_retired() {
+    /// Frames up to `at` were written to the cursor's socket; the file gets it with the next
+    /// [`Store::flush`].
+    pub(crate) fn written(&self, cursor: &Arc<Cursor>, at: Position) {
+        {
+            let mut written = lock(&cursor.written);
+            if at <= *written || cursor.is_retired() {
+                return;
+            }
+            *written = at;
+        }
+        if !cursor.dirty.swap(true, Ordering::AcqRel) {
+            lock(&self.dirty).push(cursor.clone());
+        }
+    }
+
+    /// Writes the positions that changed since the last call to the file, one `pwrite` per run
+    /// of adjacent records (called every 10 ms): a process killed at any moment leaves each
+    /// record as it was or as it is now, and at most the last 10 ms of positions unwritten.
+    pub(crate) fn flush(&self) {
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        if dirty.is_empty() {
             return;
         }
-        *written = at;
-        self.persist_position(cursor.slot, at);
+        let mut image = lock(&self.image);
+        let mut slots = Vec::with_capacity(dirty.len());
+        for cursor in &dirty {
+            cursor.dirty.store(false, Ordering::Release);
+            if cursor.is_retired() {
+                continue;
+            }
+            let at = cursor.written();
+            let offset = cursor.slot as usize * RECORD as usize;
+            if image.len() < offset + RECORD as usize {
+                continue;
+            }
+            image[offset + 8..offset + 16].copy_from_slice(&at.lsn.to_le_bytes());
+            image[offset + 16..offset + 20].copy_from_slice(&at.index.to_le_bytes());
+            slots.push(cursor.slot);
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        let mut i = 0;
+        while i < slots.len() {
+            let (start, mut end) = (slots[i], slots[i]);
+            while i + 1 < slots.len() && slots[i + 1] == end + 1 {
+                i += 1;
+                end += 1;
+            }
+            let bytes = &image[start as usize * RECORD as usize..(end as usize + 1) * RECORD as usize];
+            if let Err(e) = self
+                .file
+                .write_all_at(bytes, HEADER + u64::from(start) * RECORD)
+            {
+                warn!(error = %e, "resume positions not written");
+            }
+            i += 1;
+        }
     }
 
     /// An idle channel of a live socket: everything up to `at` was handled (nothing was queued
     /// for it and its client confirmed all that was written).
-    pub(crate) fn advance(&self, cursor: &Cursor, at: Position) {
+    pub(crate) fn advance(&self, cursor: &Arc<Cursor>, at: Position) {
         if cursor.phase() != Phase::Live {
             return;
         }
@@ -900,24 +959,17 @@ impl Store {
         r[16..20].copy_from_slice(&at.index.to_le_bytes());
         r[24..32].copy_from_slice(&since_ms.to_le_bytes());
         r[32..64].copy_from_slice(&id.0);
+        let mut image = lock(&self.image);
+        let offset = slot as usize * RECORD as usize;
+        if image.len() < offset + RECORD as usize {
+            image.resize(offset + RECORD as usize, 0);
+        }
+        image[offset..offset + RECORD as usize].copy_from_slice(&r);
         if let Err(e) = self
             .file
             .write_all_at(&r, HEADER + u64::from(slot) * RECORD)
         {
             warn!(error = %e, "resume state not written");
-        }
-    }
-
-    /// The position of a live record, in one `pwrite` of 12 bytes.
-    fn persist_position(&self, slot: u32, at: Position) {
-        let mut p = [0u8; 12];
-        p[0..8].copy_from_slice(&at.lsn.to_le_bytes());
-        p[8..12].copy_from_slice(&at.index.to_le_bytes());
-        if let Err(e) = self
-            .file
-            .write_all_at(&p, HEADER + u64::from(slot) * RECORD + 8)
-        {
-            warn!(error = %e, "resume position not written");
         }
     }
 }
@@ -1011,8 +1063,11 @@ mod tests {
                 panic!("fresh");
             };
             store.written(&cursor, Position { lsn: 500, index: 2 });
+            store.flush();
+            store.written(&cursor, Position { lsn: 600, index: 0 });
             store.sweep(500);
-            // Dropped without parking: what a kill -9 leaves.
+            // Dropped without parking or flushing: what a kill -9 leaves (the last 10 ms of
+            // positions not written).
         }
         let store = Store::open(&settings(&dir)).unwrap();
         match store.claim(id(7), &outbox()) {

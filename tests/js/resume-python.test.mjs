@@ -83,12 +83,12 @@ function pythonClient(url, token, run, { keepalive } = {}) {
   return client
 }
 
-/** Row `n` arrived, then the next one, then 15 ms: nothing in flight. */
+/** Row `n` arrived, then the next one, then 20 ms: nothing in flight (see resume.test.mjs). */
 async function quietMoment(rows, n) {
   await rows.find((got) => got >= n, 15_000, `row ${n}`)
   const seen = rows.length
   await rows.until((items) => items.length > seen, 10_000, 'the next row')
-  await sleep(15)
+  await sleep(20)
 }
 
 /** Stops the writer, waits for its last row on `py`, and counts. */

@@ -3,10 +3,10 @@
 // again; past the resume window it is told of the gap instead. Each drill keeps a writer inserting
 // rows throughout and counts what the client missed and what it got twice.
 //
-// The moment of each cut is taken while nothing is in flight (a while after a row arrived, well
-// before the next is written): a row on the wire at the very instant a connection dies is the one
-// case no server can settle without the client's acknowledgement (README, "Reconnects and
-// restarts").
+// The moment of each cut is taken while nothing is in flight (a while after a row arrived and was
+// confirmed, well before the next is written): a row written within the ping interval before a
+// connection dies is the one case no server can settle without the client's acknowledgement
+// (README, "Reconnects and restarts").
 
 import assert from 'node:assert/strict'
 import { randomUUID } from 'node:crypto'
@@ -29,13 +29,14 @@ after(async () => {
   await db?.stop()
 })
 
-/** Waits for row `n`, then for the next row to arrive and 15 ms more: the row after it is ~35 ms
- * away and nothing is in flight. */
+/** Waits for row `n`, then for the next row to arrive and 20 ms more: the row after it is ~100 ms
+ * away, and the ping that followed this one has its pong (rows come slower than the gateway's
+ * ping interval, 100 ms), so nothing is in flight. */
 async function quietMoment(inbox, n) {
   await inbox.find((e) => e.new.n >= n, 10_000, `row ${n}`)
   const seen = inbox.length
   await inbox.until((items) => items.length > seen, 10_000, 'the next row')
-  await sleep(15)
+  await sleep(20)
 }
 
 test('kill -9 of the gateway and a restart: every row committed meanwhile arrives once, in order; a first-time join gets what follows it', async () => {

@@ -55,6 +55,9 @@ use visibility::Viewer;
 /// Transactions routed together at most.
 const MAX_BATCH: usize = 256;
 
+/// How long the router gathers resuming channels before it asks for the stream again.
+const RESTREAM_GATHER: Duration = Duration::from_millis(50);
+
 /// The Postgres side of the gateway.
 #[derive(Debug)]
 pub(crate) struct PostgresChanges {
@@ -368,15 +371,26 @@ fn sweep(pg: &PostgresChanges) {
     );
 }
 
+/// Every 10 ms the positions sockets wrote go to the state file; every 250 ms the sweep.
 async fn sweep_loop(pg: Arc<PostgresChanges>, shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let Some(store) = pg.resume.clone() else {
+        return;
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u32;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
-            _ = tick.tick() => sweep(&pg),
+            _ = tick.tick() => {}
+        }
+        store.flush();
+        ticks = ticks.wrapping_add(1);
+        if ticks.is_multiple_of(25) {
+            sweep(&pg);
         }
     }
+    store.flush();
 }
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -472,15 +486,23 @@ async fn route_loop(
         deletes: &pg.deletes,
         delete_unknown: pg.delete_unknown,
     };
+    // A new session is asked for a moment after the first channel that needs one, so the
+    // channels of a wave of rejoins (after a restart, say) share it.
+    let mut restream_at: Option<tokio::time::Instant> = None;
     loop {
         let more = tokio::select! {
             () = shutdown.cancelled() => break,
             Some(cursor) = resumers.recv() => {
                 Metrics::add(&metrics.resumes, 1);
                 if replay.admit(cursor) {
-                    Metrics::add(&metrics.restreams, 1);
-                    source.restream();
+                    restream_at = Some(tokio::time::Instant::now() + RESTREAM_GATHER);
                 }
+                continue;
+            }
+            () = tokio::time::sleep_until(restream_at.unwrap_or_else(tokio::time::Instant::now)), if restream_at.is_some() => {
+                restream_at = None;
+                Metrics::add(&metrics.restreams, 1);
+                source.restream();
                 continue;
             }
             more = source.next_batch(&mut batch, MAX_BATCH) => more,

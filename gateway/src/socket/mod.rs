@@ -65,16 +65,26 @@ where
     debug!(reason = ?kind, "socket closed");
 }
 
-/// Change frames written and what the client confirmed.
+/// Pings go out at most this often: a socket that receives change frames all the time sends one
+/// ping per interval (in the same flush as frames), not one per flush; every pong costs the
+/// server a wake-up and a read. So a frame is confirmed within this time plus a round trip.
+const PING_EVERY: Duration = Duration::from_millis(100);
+
+/// Change frames written and what the client confirmed. Kept per socket, reused: nothing here
+/// allocates per flush.
 #[derive(Debug, Default)]
 struct Confirms {
     /// (slot, position) written in the current batch.
     batch: Vec<(u32, Position)>,
-    /// Written since the last ping.
+    /// Written and not covered by a ping yet.
     dirty: Vec<(u32, Position)>,
-    /// The ping in flight: its number and what its pong confirms.
-    in_flight: Option<(u64, Vec<(u32, Position)>)>,
+    /// The number of the ping in flight, and what its pong confirms.
+    in_flight: Option<u64>,
+    covered: Vec<(u32, Position)>,
+    /// Whether the channels `covered` names know a ping waits for its pong.
+    marked: bool,
     next_ping: u64,
+    last_ping: Option<Instant>,
     pinged: bool,
     ponged: bool,
     last_advance: Option<Instant>,
@@ -88,43 +98,57 @@ impl Confirms {
         }
     }
 
-    /// The ping to send after this batch, if one is due.
+    /// When the next ping is due: frames are not covered, none is in flight, and the last one
+    /// went out at least `PING_EVERY` ago (now if none did).
+    fn ping_at(&self) -> Option<Instant> {
+        if self.dirty.is_empty() || self.in_flight.is_some() {
+            return None;
+        }
+        Some(self.last_ping.map_or_else(Instant::now, |at| at + PING_EVERY))
+    }
+
+    /// Takes the batch's positions in, and gives the ping that covers what was written if one
+    /// is due now.
     fn ping(&mut self) -> Option<Message> {
-        for (slot, at) in std::mem::take(&mut self.batch) {
+        for &(slot, at) in &self.batch {
             Confirms::note(&mut self.dirty, slot, at);
         }
         if self.dirty.is_empty() || self.in_flight.is_some() {
             return None;
         }
+        let now = Instant::now();
+        if self.last_ping.is_some_and(|at| now < at + PING_EVERY) {
+            return None;
+        }
         self.next_ping += 1;
         self.pinged = true;
-        self.in_flight = Some((self.next_ping, std::mem::take(&mut self.dirty)));
-        Some(Message::Ping(self.next_ping.to_be_bytes().to_vec().into()))
+        self.marked = false;
+        self.last_ping = Some(now);
+        self.in_flight = Some(self.next_ping);
+        std::mem::swap(&mut self.covered, &mut self.dirty);
+        self.dirty.clear();
+        Some(Message::Ping(
+            bytes::Bytes::copy_from_slice(&self.next_ping.to_be_bytes()),
+        ))
     }
 
     /// A pong: what its ping covered is confirmed.
-    fn pong(&mut self, data: &[u8], channels: &Channels) -> bool {
-        let matches = self
-            .in_flight
-            .as_ref()
-            .is_some_and(|(n, _)| data == n.to_be_bytes());
-        if !matches {
-            return false;
+    fn pong(&mut self, data: &[u8], channels: &Channels) {
+        if self.in_flight.is_none_or(|n| data != n.to_be_bytes()) {
+            return;
         }
+        self.in_flight = None;
         self.ponged = true;
-        if let Some((_, covered)) = self.in_flight.take() {
-            for (slot, at) in covered {
-                if let Some(cursor) = channels.cursor(slot) {
-                    cursor.confirm(at);
-                }
+        for (slot, at) in self.covered.drain(..) {
+            if let Some(cursor) = channels.cursor(slot) {
+                cursor.confirm(at);
             }
         }
-        true
     }
 }
 
 /// Records what a batch wrote, and marks the channels its ping covers.
-fn record_written(store: &Store, channels: &Channels, confirms: &Confirms) {
+fn record_written(store: &Store, channels: &Channels, confirms: &mut Confirms) {
     for (slot, at) in &confirms.batch {
         if let Some(cursor) = channels.cursor(*slot) {
             store.written(cursor, *at);
@@ -133,14 +157,16 @@ fn record_written(store: &Store, channels: &Channels, confirms: &Confirms) {
     mark_pinged(channels, confirms);
 }
 
-/// The channels the ping in flight covers wait for its pong since now (if not already).
-fn mark_pinged(channels: &Channels, confirms: &Confirms) {
+/// The channels the ping in flight covers wait for its pong since now (once per ping).
+fn mark_pinged(channels: &Channels, confirms: &mut Confirms) {
+    if confirms.in_flight.is_none() || confirms.marked {
+        return;
+    }
+    confirms.marked = true;
     let now = crate::resume::now_ms();
-    if let Some((_, covered)) = &confirms.in_flight {
-        for (slot, _) in covered {
-            if let Some(cursor) = channels.cursor(*slot) {
-                cursor.pinged(now);
-            }
+    for (slot, _) in &confirms.covered {
+        if let Some(cursor) = channels.cursor(*slot) {
+            cursor.pinged(now);
         }
     }
 }
@@ -149,6 +175,12 @@ fn mark_pinged(channels: &Channels, confirms: &Confirms) {
 /// have handled everything the router finished, so their positions move up to it (at most once
 /// a second), and a parked one would not hold WAL it does not need.
 fn advance_idle(store: &Store, rx: &OutboxReceiver, channels: &Channels, confirms: &mut Confirms) {
+    if confirms.in_flight.is_some()
+        || !confirms.dirty.is_empty()
+        || channels.cursors().next().is_none()
+    {
+        return;
+    }
     if confirms
         .last_advance
         .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
@@ -158,7 +190,7 @@ fn advance_idle(store: &Store, rx: &OutboxReceiver, channels: &Channels, confirm
     // Read before looking at the queue: every frame of what was routed up to here was queued
     // before it was published.
     let routed = store.routed();
-    if !rx.is_empty() || confirms.in_flight.is_some() || !confirms.dirty.is_empty() {
+    if !rx.is_empty() {
         return;
     }
     confirms.last_advance = Some(Instant::now());
@@ -181,8 +213,18 @@ where
     let store = shared.postgres.as_ref().and_then(|pg| pg.resume.clone());
     let idle = shared.config.idle_timeout();
     let mut idle_deadline = pin!(tokio::time::sleep(idle));
+    // One timer for the next ping, reset only when its deadline changes.
+    let mut ping_timer = pin!(tokio::time::sleep_until(far_future()));
+    let mut ping_armed: Option<Instant> = None;
     let kind = loop {
         let expiry = channels.next_deadline();
+        let ping_at = confirms.ping_at();
+        if let Some(at) = ping_at
+            && ping_armed != Some(at)
+        {
+            ping_timer.as_mut().reset(at);
+            ping_armed = Some(at);
+        }
         tokio::select! {
             biased;
             () = kill.cancelled() => break match rx.close_reason() {
@@ -211,14 +253,7 @@ where
             message = ws.next(), if !channels.backlogged() => {
                 if let Some(Ok(Message::Pong(data))) = &message {
                     // A pong is not a heartbeat: it does not keep an idle socket open.
-                    if confirms.pong(data, channels)
-                        && let Some(ping) = confirms.ping()
-                    {
-                        if ws.send(ping).await.is_err() {
-                            break CloseKind::Error;
-                        }
-                        mark_pinged(channels, confirms);
-                    }
+                    confirms.pong(data, channels);
                     continue;
                 }
                 idle_deadline.as_mut().reset(Instant::now() + idle);
@@ -231,6 +266,16 @@ where
                         debug!(error = %e, "websocket read failed");
                         break CloseKind::Error;
                     }
+                }
+            }
+            // Frames written while a ping was in flight, and no frame to carry the next ping.
+            () = &mut ping_timer, if ping_at.is_some() => {
+                ping_armed = None;
+                if let Some(ping) = confirms.ping() {
+                    if ws.send(ping).await.is_err() {
+                        break CloseKind::Error;
+                    }
+                    mark_pinged(channels, confirms);
                 }
             }
             () = &mut idle_deadline => break CloseKind::IdleTimeout,
@@ -304,13 +349,10 @@ where
         };
     }
     // The ping goes in the same flush as the frames it covers.
-    if !confirms.batch.is_empty() {
-        let pending = confirms.batch.clone();
-        if let Some(ping) = confirms.ping() {
-            ws.feed(ping).await?;
-        }
-        // `ping` moved the batch into what the ping covers; the caller records it as written.
-        confirms.batch = pending;
+    if !confirms.batch.is_empty()
+        && let Some(ping) = confirms.ping()
+    {
+        ws.feed(ping).await?;
     }
     ws.flush().await?;
     Metrics::add(&metrics.messages_out, frames as u64);

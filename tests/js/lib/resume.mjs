@@ -28,7 +28,7 @@ export function resumeEnv(db, slot, extra = {}) {
 export const binding = (run) => ({ event: 'INSERT', schema: 'public', table: 'feed', filter: `run=eq.${run}` })
 
 /** Inserts rows n = 1, 2, … of `run` every `everyMs` until stopped; remembers when each committed. */
-export function startWriter(db, run, everyMs = 50) {
+export function startWriter(db, run, everyMs = 120) {
   const committed = [] // { n, at }
   let stopped = false
   let n = 0
