@@ -77,6 +77,7 @@ test('kill -9 of the gateway and a restart: every row committed meanwhile arrive
   assert.deepEqual(duplicated, [], 'no row twice')
   assert.ok(ordered, 'in commit order')
   assert.ok(rejoinedAt - restartedAt < 10_000, 'subscribed again within 10 s')
+  assert.ok(firstResumedAt - restartedAt < 15_000, 'changes flowing again within 15 s')
   // The first-time join: everything committed after it was subscribed, nothing from before the kill.
   await fresh.events[0].find((e) => e.new.n === last, 5_000, `row ${last} on the fresh channel`)
   const freshGot = fresh.events[0].items.map((e) => e.new.n)

@@ -107,7 +107,9 @@ async fn a_stream_that_stops_for_good_fails_readiness() -> anyhow::Result<()> {
 
 /// A slot dropped behind the gateway's back is recreated, and every channel subscribed to
 /// Postgres Changes gets one `system` message saying that changes were lost (status `error`,
-/// the reason first), then changes again.
+/// the reason first), then changes again. A channel parked meanwhile (its socket gone) cannot
+/// resume from a position the new slot does not have: its client's rejoin is told
+/// `ResumeGap: position_lost`.
 #[tokio::test]
 async fn a_lost_slot_is_recreated_and_subscribers_are_told() -> anyhow::Result<()> {
     use realtime_protocol::Vsn;
@@ -116,7 +118,10 @@ async fn a_lost_slot_is_recreated_and_subscribers_are_told() -> anyhow::Result<(
     let gw = TestGateway::on_database(&db, ITEMS).await?;
     let mut client = gw.connect(Vsn::V2).await?;
     let config = serde_json::json!({"postgres_changes": [{"event": "INSERT", "schema": "public", "table": "items"}]});
-    client.join_ok("realtime:lost", config).await?;
+    client.join_ok("realtime:lost", config.clone()).await?;
+    let mut away = gw.connect(Vsn::V2).await?;
+    away.join_ok("realtime:parked", config.clone()).await?;
+    away.close().await?;
     let own = db.client().await?;
     let own_pid: i32 = own.query_one("select pg_backend_pid()", &[]).await?.get(0);
     let admin = connect(&cluster().await.url("postgres")).await?;
@@ -181,6 +186,32 @@ async fn a_lost_slot_is_recreated_and_subscribers_are_told() -> anyhow::Result<(
             other => anyhow::bail!("unexpected frame {other:?}"),
         }
     }
+    let mut back = gw.connect(Vsn::V2).await?;
+    back.join_ok("realtime:parked", config).await?;
+    let gap = loop {
+        match back.recv_within(Duration::from_secs(10)).await? {
+            Received::Text(t)
+                if t.event == "system"
+                    && t.payload["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("ResumeGap")) =>
+            {
+                break t;
+            }
+            Received::Text(_) => {}
+            other => anyhow::bail!("unexpected frame {other:?}"),
+        }
+    };
+    assert!(
+        gap.payload["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("ResumeGap: position_lost: "),
+        "{}",
+        gap.raw
+    );
+    assert_eq!(gap.payload["status"], "ok", "{}", gap.raw);
+    assert_eq!(gw.metric("realtime_resume_gaps_total").await?, 1.0);
     gw.shutdown(Duration::from_secs(10)).await?;
     Ok(())
 }
