@@ -723,7 +723,8 @@ impl Store {
                 i += 1;
                 end += 1;
             }
-            let bytes = &image[start as usize * RECORD as usize..(end as usize + 1) * RECORD as usize];
+            let bytes =
+                &image[start as usize * RECORD as usize..(end as usize + 1) * RECORD as usize];
             if let Err(e) = self
                 .file
                 .write_all_at(bytes, HEADER + u64::from(start) * RECORD)
@@ -1184,6 +1185,9 @@ mod tests {
                 Identity(id)
             })
             .collect();
+        let _measuring = crate::test_support::MEASURING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let before = crate::test_support::resident_bytes();
         for id in &ids {
             let Claim::Fresh {

@@ -40,6 +40,8 @@ pub(crate) struct Replay {
     resumers: Vec<Arc<Cursor>>,
     /// A new session was asked for and has not started yet.
     restream_pending: bool,
+    /// Sessions seen (a new one can make waiting channels replaying).
+    sessions: u64,
 }
 
 impl Replay {
@@ -89,7 +91,13 @@ impl Replay {
         base
     }
 
+    /// Counts sessions: who replays changes only when a new one starts.
+    pub(crate) fn session(&self) -> u64 {
+        self.sessions
+    }
+
     fn new_session(&mut self) {
+        self.sessions += 1;
         self.restream_pending = false;
         self.resumers.retain(|c| !c.is_retired());
         for c in &self.resumers {

@@ -9,7 +9,7 @@
 
 use super::database_broadcast;
 use super::deletes::{DeleteUnknown, RowMemory};
-use super::index::{Index, Subscription};
+use super::index::{Index, Subscription, TableSubs};
 use super::payload::{self, Shape};
 use super::policy::{self, Undecided};
 use super::replay::{Mode, Replay};
@@ -17,6 +17,7 @@ use super::subscription::{EventFilter, TableAccess, TableBinding};
 use super::visibility::{self, Viewer};
 use crate::db::Database;
 use crate::outbox::{Frame, Mark};
+use crate::resume::Phase;
 use crate::resume::Position;
 use crate::topics::Registry;
 use futures_util::StreamExt;
@@ -125,6 +126,8 @@ fn matching<'a>(
     stats: &mut BatchStats,
 ) -> Vec<Matched<'a>> {
     let mut matched = Vec::new();
+    let mut replaying: FastMap<u32, TableSubs> = FastMap::default();
+    let mut replaying_session = replay.session();
     for tx in batch {
         let commit_time = tx.commit_time.unix_micros();
         let base = replay.begin(tx.commit_lsn.0, tx.chunk, tx.changes.len());
@@ -161,6 +164,33 @@ fn matching<'a>(
             }
             let Some(subs) = cx.index.snapshot(relation.id) else {
                 continue;
+            };
+            // A replayed change goes to replaying channels only: pick them out of the table's
+            // subscriptions once per table and session, not once per change.
+            let subs = match mode {
+                Mode::Replay => {
+                    if replaying_session != replay.session() {
+                        replaying.clear();
+                        replaying_session = replay.session();
+                    }
+                    replaying
+                        .entry(relation.id)
+                        .or_insert_with(|| {
+                            Arc::new(
+                                subs.iter()
+                                    .filter(|s| {
+                                        s.member
+                                            .resume
+                                            .as_ref()
+                                            .is_some_and(|c| c.phase() == Phase::Replaying)
+                                    })
+                                    .cloned()
+                                    .collect(),
+                            )
+                        })
+                        .clone()
+                }
+                _ => subs,
             };
             let passing: Vec<_> = subs
                 .iter()

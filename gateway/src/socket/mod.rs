@@ -104,7 +104,10 @@ impl Confirms {
         if self.dirty.is_empty() || self.in_flight.is_some() {
             return None;
         }
-        Some(self.last_ping.map_or_else(Instant::now, |at| at + PING_EVERY))
+        Some(
+            self.last_ping
+                .map_or_else(Instant::now, |at| at + PING_EVERY),
+        )
     }
 
     /// Takes the batch's positions in, and gives the ping that covers what was written if one
@@ -127,9 +130,9 @@ impl Confirms {
         self.in_flight = Some(self.next_ping);
         std::mem::swap(&mut self.covered, &mut self.dirty);
         self.dirty.clear();
-        Some(Message::Ping(
-            bytes::Bytes::copy_from_slice(&self.next_ping.to_be_bytes()),
-        ))
+        Some(Message::Ping(bytes::Bytes::copy_from_slice(
+            &self.next_ping.to_be_bytes(),
+        )))
     }
 
     /// A pong: what its ping covered is confirmed.

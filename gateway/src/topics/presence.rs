@@ -267,6 +267,9 @@ mod tests {
         const N: usize = 200_000;
         let meta = r#""online_at":"2025-01-01T00:00:00.000Z","status":"online","user_id":"2b7f3c1e-8f0a-4d3b-9a51-2c7e4f1d6a90""#;
         let keys: Vec<Arc<str>> = (0..N).map(|i| Arc::from(format!("user-{i:05}"))).collect();
+        let _measuring = crate::test_support::MEASURING
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let before = crate::test_support::resident_bytes();
         let mut state = PresenceState::default();
         for (i, key) in keys.iter().enumerate() {
