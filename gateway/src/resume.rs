@@ -358,6 +358,8 @@ pub(crate) struct Store {
     max_retained_bytes: u64,
     /// Commit LSN of the last transaction routed live, in full.
     routed: AtomicU64,
+    /// The database's WAL position when this process started.
+    floor: AtomicU64,
     /// Joins that found no free slot (they are not resumable).
     pub(crate) full: AtomicU64,
 }
@@ -399,6 +401,7 @@ impl Store {
             window_ms: settings.window.as_millis() as u64,
             max_retained_bytes: settings.max_retained_bytes,
             routed: AtomicU64::new(0),
+            floor: AtomicU64::new(0),
             full: AtomicU64::new(0),
         };
         store.load().map_err(err)?;
@@ -516,7 +519,10 @@ impl Store {
 
     /// The database's WAL is at `current`: a routed position past it belongs to another
     /// database (the state file outlived its cluster), so it and every parked position are void.
+    /// Also the position a new channel starts at until something is routed: nothing committed
+    /// before this process started is owed to a channel that joins now.
     pub(crate) fn check_wal(&self, current: u64) {
+        self.floor.store(current, Ordering::Release);
         if self.routed() <= current {
             return;
         }
@@ -614,11 +620,8 @@ impl Store {
             None => None,
         };
         let cursor = self.allocate(&mut book).map(|slot| {
-            let cursor = Arc::new(Cursor::new(
-                slot,
-                Position::whole(self.routed()),
-                Phase::Live,
-            ));
+            let start = self.routed().max(self.floor.load(Ordering::Acquire));
+            let cursor = Arc::new(Cursor::new(slot, Position::whole(start), Phase::Live));
             self.set_live(&mut book, slot, id, cursor.clone(), outbox.clone());
             cursor
         });
