@@ -90,7 +90,8 @@ async fn a_stream_that_stops_for_good_fails_readiness() -> anyhow::Result<()> {
     client
         .batch_execute(
             "drop publication supabase_realtime;
-             select pg_terminate_backend(pid) from pg_stat_replication;",
+             select pg_terminate_backend(active_pid) from pg_replication_slots
+              where database = current_database() and active_pid is not null;",
         )
         .await?;
     let body = until_ready_is(&gw, 503, Duration::from_secs(20)).await?;
@@ -177,13 +178,22 @@ async fn a_lost_slot_is_recreated_and_subscribers_are_told() -> anyhow::Result<(
     own.execute("insert into public.items (v) values (7)", &[])
         .await?;
     loop {
-        match client.recv_within(Duration::from_secs(10)).await? {
-            Received::Text(t) if t.event == "postgres_changes" => {
+        match client.recv_within(Duration::from_secs(10)).await {
+            Ok(Received::Text(t)) if t.event == "postgres_changes" => {
                 assert_eq!(t.payload["data"]["record"]["v"], 7);
                 break;
             }
-            Received::Text(_) => {}
-            other => anyhow::bail!("unexpected frame {other:?}"),
+            Ok(Received::Text(_)) => {}
+            Ok(other) => anyhow::bail!("unexpected frame {other:?}"),
+            // Say where the change stopped: the stream, the router or the socket.
+            Err(e) => {
+                let metrics = gw.metrics().await?;
+                let wal: Vec<&str> = metrics
+                    .lines()
+                    .filter(|l| l.starts_with("realtime_wal") || l.starts_with("realtime_postgres"))
+                    .collect();
+                anyhow::bail!("the change after the new slot: {e}; {}", wal.join("; "))
+            }
         }
     }
     let mut back = gw.connect(Vsn::V2).await?;
