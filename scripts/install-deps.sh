@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian machine: PostgreSQL server binaries (the tests
 # start throwaway clusters with initdb), Node.js with npm (the supabase-js suite) and Python 3 with
-# venv (the realtime-py drills).
+# venv (the realtime-py drills), nats-server (the cluster tests).
 # Idempotent and quiet when everything is there already.
 set -euo pipefail
 
@@ -14,6 +14,7 @@ have_postgres || missing+=(postgresql postgresql-contrib)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 command -v npm >/dev/null 2>&1 || missing+=(npm)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3 python3-venv)
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
 
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -164,6 +164,32 @@ pub struct Config {
     #[arg(long, env = "RESUME_SLOTS", default_value_t = 262_144)]
     pub resume_slots: u32,
 
+    /// NATS servers (`nats://host:port`, comma-separated for a NATS cluster): several gateway
+    /// nodes share Broadcast and Presence through them. Unset: a single node.
+    #[arg(long, env = "CLUSTER_NATS_URL")]
+    pub cluster_nats_url: Option<String>,
+
+    /// This node's name in the cluster (default: `gw-` and 8 random hex digits).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// The first token of every NATS subject this cluster uses (clusters sharing one NATS
+    /// differ by it).
+    #[arg(long, env = "CLUSTER_PREFIX", default_value = "rt")]
+    pub cluster_prefix: String,
+
+    /// How often a node tells the others it is alive, in ms.
+    #[arg(long, env = "NODE_HEARTBEAT_MS", default_value_t = 1000)]
+    pub node_heartbeat_ms: u64,
+
+    /// A node not heard from for this long is gone: its presence leaves every other node.
+    #[arg(long, env = "NODE_DOWN_AFTER_MS", default_value_t = 5000)]
+    pub node_down_after_ms: u64,
+
+    /// How long a node keeps receiving a topic's broadcasts after its last member here left.
+    #[arg(long, env = "TOPIC_UNSUB_LINGER_MS", default_value_t = 2000)]
+    pub topic_unsub_linger_ms: u64,
+
     /// How long shutdown waits for sockets to close, in ms.
     #[arg(long, env = "SHUTDOWN_TIMEOUT_MS", default_value_t = 10_000)]
     pub shutdown_timeout_ms: u64,
@@ -272,6 +298,31 @@ impl Config {
         if self.outbox_max_frames == 0 || self.outbox_max_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "OUTBOX_MAX_FRAMES and OUTBOX_MAX_BYTES must be at least 1".into(),
+            ));
+        }
+        if let Some(urls) = &self.cluster_nats_url
+            && urls.trim().is_empty()
+        {
+            return Err(ConfigError::Invalid(
+                "CLUSTER_NATS_URL is set but empty".into(),
+            ));
+        }
+        if self.node_heartbeat_ms == 0
+            || self.node_heartbeat_ms.saturating_mul(4) > self.node_down_after_ms
+        {
+            return Err(ConfigError::Invalid(
+                "NODE_HEARTBEAT_MS must be at least 1 and at most a quarter of NODE_DOWN_AFTER_MS"
+                    .into(),
+            ));
+        }
+        if self.cluster_prefix.is_empty()
+            || !self
+                .cluster_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(ConfigError::Invalid(
+                "CLUSTER_PREFIX must be letters, digits, - or _".into(),
             ));
         }
         if self.websocket_idle_timeout_ms == 0 {

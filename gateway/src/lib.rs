@@ -13,6 +13,7 @@
 //! - `changes`: Postgres Changes and database broadcasts: the change source seam, the
 //!   subscription index, filters, visibility (RLS), payloads and replays.
 //! - `resume`: channels' positions in the change log, parked channels, the state file.
+//! - `cluster`: several nodes as one over NATS (Broadcast and Presence), the clustered `Bus`.
 //! - `db`: the gateway's own database client: connections, migrations, private-channel
 //!   checks, replay, retention.
 //! - `auth`: token verification: HS secret, JWKS (inline, file, URL with refresh), claim
@@ -25,6 +26,7 @@ pub mod auth;
 #[doc(hidden)]
 pub mod changes;
 mod channel;
+mod cluster;
 pub mod config;
 mod db;
 mod edge;
@@ -61,6 +63,8 @@ pub enum RunError {
     Postgres(#[from] changes::StartError),
     #[error("listener: {0}")]
     Listener(std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Runs the gateway on `listener` until `shutdown` completes, then closes every socket (with a
@@ -79,13 +83,39 @@ pub async fn run(
                 "a JWT secret is required (API_JWT_SECRET)".into(),
             )))?;
     let deadline = std::time::Duration::from_millis(config.shutdown_timeout_ms);
-    let registry = Arc::new(topics::Registry::new(
-        Arc::new(topics::LocalBus),
-        topics::NodeId::random(),
-    ));
-    let metrics = Arc::new(metrics::Metrics::default());
     let shutdown_token = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let cluster = match &config.cluster_nats_url {
+        None => None,
+        Some(urls) => Some(
+            cluster::Cluster::start(
+                cluster::Settings {
+                    urls: urls.clone(),
+                    name: config
+                        .node_name
+                        .clone()
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| format!("gw-{:08x}", rand::random::<u32>())),
+                    prefix: config.cluster_prefix.clone(),
+                    heartbeat: std::time::Duration::from_millis(config.node_heartbeat_ms),
+                    down_after: std::time::Duration::from_millis(config.node_down_after_ms),
+                    linger: std::time::Duration::from_millis(config.topic_unsub_linger_ms),
+                },
+                shutdown_token.clone(),
+                &tracker,
+            )
+            .await
+            .map_err(RunError::Cluster)?,
+        ),
+    };
+    let registry = Arc::new(match &cluster {
+        Some(c) => topics::Registry::new(Arc::new(c.clone()), c.node()),
+        None => topics::Registry::new(Arc::new(topics::LocalBus), topics::NodeId::random()),
+    });
+    if let Some(c) = &cluster {
+        c.attach(&registry);
+    }
+    let metrics = Arc::new(metrics::Metrics::default());
     let verifier = auth::Verifier::from_config(&config, &secret).map_err(RunError::Config)?;
     let postgres = match &config.database_url {
         None => None,
@@ -124,6 +154,7 @@ pub async fn run(
         registry,
         metrics,
         postgres,
+        cluster,
         shutdown: shutdown_token,
         tracker,
     });

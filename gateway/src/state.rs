@@ -17,6 +17,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// The Postgres side, when a database is configured.
     pub(crate) postgres: Option<Arc<PostgresChanges>>,
+    /// This node's side of the cluster, when `CLUSTER_NATS_URL` is set.
+    pub(crate) cluster: Option<Arc<crate::cluster::Cluster>>,
     /// Cancelled when the gateway shuts down; every socket's kill token is a child of it.
     pub(crate) shutdown: CancellationToken,
     /// Every task the gateway spawns, so shutdown can wait for them.

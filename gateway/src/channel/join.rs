@@ -136,14 +136,27 @@ impl Channels {
             reply: payload::reply_ok(&join_response(&join.postgres_changes)),
             topic: m.topic,
         };
-        if !plan.needs_database() {
+        // In a cluster, the first member of a topic here waits until the other nodes'
+        // broadcasts of it reach this node.
+        let interest = self.shared.registry.interest(&TopicKey {
+            private: plan.private,
+            topic: Arc::from(plan.topic.as_str()),
+        });
+        if !plan.needs_database() && interest.is_none() {
             return self.finish_join(plan, Ok(Checked::default()));
         }
         let shared = self.shared.clone();
         let request = AuthzRequest::new(&plan.claims, &plan.sub_topic, &self.params.headers);
         let topic = plan.topic.clone();
         self.start_job(&topic, Kind::Join, async move {
-            let checked = check(&shared, &request, &plan).await;
+            if let Some(interest) = interest {
+                interest.await;
+            }
+            let checked = if plan.needs_database() {
+                check(&shared, &request, &plan).await
+            } else {
+                Ok(Checked::default())
+            };
             Box::new(move |ch: &mut Channels| ch.finish_join(plan, checked)) as Step
         });
     }

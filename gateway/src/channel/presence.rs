@@ -82,7 +82,6 @@ impl Channels {
                 // A track that enables presence syncs the full state, or members tracked before
                 // stay invisible to this client.
                 topic.presence(
-                    member.id,
                     |state| state.track(member.id, &key, &body),
                     |state| {
                         if sync && may_read {
@@ -103,7 +102,7 @@ impl Channels {
                 channel
                     .topic
                     .clone()
-                    .presence(member, |state| state.untrack(member), |_| ());
+                    .presence(|state| state.untrack(member), |_| ());
             }
             PresencePush::Unknown | PresencePush::NoEvent => {
                 return self.reply(&m.topic, m.msg_ref.as_ref(), &payload::reply_error(EMPTY));

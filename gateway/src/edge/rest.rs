@@ -124,6 +124,9 @@ pub(crate) fn routes(
 /// The Prometheus text: the counters, and the change stream's and the slot's state.
 fn render_metrics(shared: &Shared) -> String {
     let mut text = shared.metrics.render();
+    if let Some(cluster) = &shared.cluster {
+        text.push_str(&cluster.render_metrics());
+    }
     if let Some(pg) = &shared.postgres {
         let lag = pg.lag.lag();
         let streaming = u8::from(pg.lag.is_streaming());

@@ -104,6 +104,7 @@ fn start(configure: impl FnOnce(&mut Config)) -> (Harness, Client) {
         registry: Arc::new(Registry::new(Arc::new(LocalBus), NodeId::random())),
         metrics: Arc::new(Metrics::default()),
         postgres: None,
+        cluster: None,
         shutdown: CancellationToken::new(),
         tracker: TaskTracker::new(),
     });

@@ -7,8 +7,9 @@
 //! and drops (counted) rather than block a publisher.
 //!
 //! [`LocalBus`] is the single-node bus: there is no other node to reach, so forwarding is
-//! nothing. A clustered bus delivers what it receives from other nodes with
-//! [`super::Registry::receive`], which reaches this node's members only.
+//! nothing. The clustered bus (`crate::cluster`) delivers what it receives from other nodes
+//! with [`super::Registry::receive`] and [`super::Registry::receive_presence`], which reach
+//! this node's members only.
 //!
 //! Postgres Changes and broadcasts from the database never pass here: every node reads them
 //! from the change log itself (`crate::changes::source`) and delivers them to its own sockets.
@@ -66,22 +67,29 @@ pub(crate) enum BroadcastBody {
 
 /// What a bus carries. [`LocalBus`] reads none of it: there is no other node.
 #[derive(Clone, Copy, Debug)]
-#[allow(dead_code)]
 pub(crate) enum Message<'a> {
     Broadcast(&'a Broadcast),
     /// A change of the origin's presence state for a topic, already applied there.
     Presence {
         topic: &'a TopicKey,
-        origin: Origin,
         diff: &'a Diff,
     },
 }
+
+/// Ends when this node receives the other nodes' messages of a topic.
+pub(crate) type Ready = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Hands what this node published to the other nodes.
 pub(crate) trait Bus: Send + Sync + fmt::Debug {
     /// Called inside the topic's critical section, after this node's members were served.
     /// Never waits.
     fn forward(&self, message: Message<'_>);
+
+    /// A member is about to join `key` here: make sure the other nodes' messages of it reach
+    /// this node. `None` when they already do; else the join waits for the future.
+    fn interest(&self, _key: &TopicKey) -> Option<Ready> {
+        None
+    }
 }
 
 /// The bus of a single node: nothing to forward to.

@@ -6,6 +6,9 @@
 //! - `presence`: Phoenix.Presence state per topic and its diffs.
 //! - `bus`: [`Bus`], where a publish leaves the node, and [`LocalBus`], the single node's.
 //!
+//! In a cluster a topic's presence also holds the other nodes' metas; a topic with no member
+//! here keeps them aside (`dormant`, in the topic's shard) until someone joins.
+//!
 //! The registry is sharded by topic; every critical section is short and synchronous, and no
 //! guard is ever held across an `.await`. Lock order is shard map, then a topic's member list.
 //! A topic's members and presence sit under one lock, so that a joiner's `presence_state` and
@@ -21,7 +24,7 @@ pub(crate) use fanout::{Audience, Delivery, Outgoing};
 pub(crate) use member::{Member, MemberId, ReadAccess, TopicKey};
 
 use crate::outbox::Outbox;
-use presence::{Diff, PresenceState};
+use presence::{Diff, PresenceState, WireMeta};
 use realtime_protocol::Vsn;
 use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
@@ -35,7 +38,6 @@ const SHARDS: usize = 64;
 pub(crate) struct Topic {
     key: TopicKey,
     bus: Arc<dyn Bus>,
-    node: NodeId,
     inner: Mutex<TopicInner>,
 }
 
@@ -46,7 +48,14 @@ pub(crate) struct TopicInner {
     pub(crate) presence: PresenceState,
 }
 
-type Shard = Mutex<HashMap<TopicKey, Arc<Topic>>>;
+/// The topics of one shard, and the other nodes' presence of topics nobody here is joined to.
+#[derive(Debug, Default)]
+struct ShardInner {
+    topics: HashMap<TopicKey, Arc<Topic>>,
+    dormant: HashMap<TopicKey, PresenceState>,
+}
+
+type Shard = Mutex<ShardInner>;
 
 #[derive(Debug)]
 pub(crate) struct Registry {
@@ -72,7 +81,7 @@ pub(crate) struct NewMember {
 impl Registry {
     pub(crate) fn new(bus: Arc<dyn Bus>, node: NodeId) -> Registry {
         Registry {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             next_member: AtomicU64::new(1),
             bus,
             node,
@@ -99,15 +108,20 @@ impl Registry {
         new: NewMember,
         joined: impl FnOnce(&Member, &TopicInner),
     ) -> (Arc<Topic>, Arc<Member>) {
-        let mut shard = lock(self.shard(&key));
+        let mut guard = lock(self.shard(&key));
+        let shard = &mut *guard;
         let topic = shard
+            .topics
             .entry(key.clone())
             .or_insert_with(|| {
+                let presence = shard.dormant.remove(&key).unwrap_or_default();
                 Arc::new(Topic {
                     key,
                     bus: self.bus.clone(),
-                    node: self.node,
-                    inner: Mutex::new(TopicInner::default()),
+                    inner: Mutex::new(TopicInner {
+                        members: Vec::new(),
+                        presence,
+                    }),
                 })
             })
             .clone();
@@ -123,7 +137,7 @@ impl Registry {
         inner.members.push(member.clone());
         joined(&member, &inner);
         drop(inner);
-        drop(shard);
+        drop(guard);
         (topic, member)
     }
 
@@ -136,26 +150,124 @@ impl Registry {
                 inner.members.swap_remove(i);
             }
             if let Some(diff) = inner.presence.untrack(id) {
-                topic.publish_diff(&inner, &diff, Some(id));
+                topic.publish_diff(&inner, &diff);
             }
             inner.members.is_empty()
         };
         if now_empty {
             let mut shard = lock(self.shard(&topic.key));
-            let still_empty = lock(&topic.inner).members.is_empty();
-            if still_empty
+            let mut inner = lock(&topic.inner);
+            if inner.members.is_empty()
                 && shard
+                    .topics
                     .get(&topic.key)
                     .is_some_and(|current| Arc::ptr_eq(current, topic))
             {
-                shard.remove(&topic.key);
+                shard.topics.remove(&topic.key);
+                // Other nodes' members stay known for the next joiner.
+                let presence = std::mem::take(&mut inner.presence);
+                if !presence.is_empty() {
+                    shard.dormant.insert(topic.key.clone(), presence);
+                }
             }
         }
     }
 
     /// The topic, when anyone on this node is joined to it.
     pub(crate) fn get(&self, key: &TopicKey) -> Option<Arc<Topic>> {
-        lock(self.shard(key)).get(key).cloned()
+        lock(self.shard(key)).topics.get(key).cloned()
+    }
+
+    /// A future that ends when this node receives the other nodes' broadcasts of `key` (none
+    /// when it already does): a join waits for it before it is answered.
+    pub(crate) fn interest(&self, key: &TopicKey) -> Option<bus::Ready> {
+        self.bus.interest(key)
+    }
+
+    /// Applies presence diffs node `node` made to topic `key` and tells this node's members
+    /// what changed.
+    pub(crate) fn receive_presence(
+        &self,
+        node: NodeId,
+        key: &TopicKey,
+        leaves: &[WireMeta],
+        joins: &[WireMeta],
+    ) -> Delivery {
+        if node == self.node {
+            return Delivery::default();
+        }
+        self.with_presence(key, |state| state.apply_remote(node, leaves, joins))
+    }
+
+    /// Runs `change` on the presence of `key`, wherever it is kept, and fans out the diff.
+    fn with_presence(
+        &self,
+        key: &TopicKey,
+        change: impl FnOnce(&mut PresenceState) -> Option<Diff>,
+    ) -> Delivery {
+        let mut shard = lock(self.shard(key));
+        match shard.topics.get(key) {
+            Some(topic) => {
+                let mut inner = lock(&topic.inner);
+                match change(&mut inner.presence) {
+                    Some(diff) => topic.fan_out_diff(&inner, &diff),
+                    None => Delivery::default(),
+                }
+            }
+            None => {
+                let state = shard.dormant.entry(key.clone()).or_default();
+                change(state);
+                if state.is_empty() {
+                    shard.dormant.remove(key);
+                }
+                Delivery::default()
+            }
+        }
+    }
+
+    /// Makes node `node`'s presence here exactly `snapshot` (every topic it has members in),
+    /// removing what it no longer holds: after a gap in its diffs, or when it comes (back).
+    /// An empty snapshot removes the node (it is down or left).
+    pub(crate) fn replace_node(&self, node: NodeId, snapshot: Vec<(TopicKey, Vec<WireMeta>)>) {
+        if node == self.node {
+            return;
+        }
+        let mut wanted: HashMap<TopicKey, Vec<WireMeta>> = snapshot.into_iter().collect();
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let shard = &mut *shard;
+            for (key, topic) in &shard.topics {
+                let metas = wanted.remove(key).unwrap_or_default();
+                let mut inner = lock(&topic.inner);
+                if let Some(diff) = inner.presence.replace_remote(node, &metas) {
+                    topic.fan_out_diff(&inner, &diff);
+                }
+            }
+            shard.dormant.retain(|key, state| {
+                let metas = wanted.remove(key).unwrap_or_default();
+                state.replace_remote(node, &metas);
+                !state.is_empty()
+            });
+        }
+        // Topics nobody here knew of (or joined meanwhile).
+        for (key, metas) in wanted {
+            self.with_presence(&key, |state| state.replace_remote(node, &metas));
+        }
+    }
+
+    /// The presence this node's own channels hold, by topic: what another node asks for.
+    pub(crate) fn owned_presence(&self) -> Vec<(TopicKey, Vec<WireMeta>)> {
+        let mut owned = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            for (key, topic) in &shard.topics {
+                let metas = lock(&topic.inner).presence.local_metas();
+                if !metas.is_empty() {
+                    owned.push((key.clone(), metas));
+                }
+            }
+        }
+        owned
     }
 
     /// Publishes a broadcast that did not come from a channel of this node's (REST): this node's
@@ -171,9 +283,7 @@ impl Registry {
     }
 
     /// Delivers a broadcast another node published to this node's members of its topic: the
-    /// entry point of a bus that reaches other nodes (none in a single node; the unit tests
-    /// drive it with two registries).
-    #[cfg_attr(not(test), allow(dead_code))]
+    /// entry point of a bus that reaches other nodes.
     pub(crate) fn receive(&self, broadcast: &Broadcast) -> Delivery {
         if broadcast.origin.node == self.node {
             return Delivery::default();
@@ -216,7 +326,7 @@ impl Registry {
     /// Number of topics with members.
     #[cfg(test)]
     pub(crate) fn topic_count(&self) -> usize {
-        self.shards.iter().map(|s| lock(s).len()).sum()
+        self.shards.iter().map(|s| lock(s).topics.len()).sum()
     }
 }
 
@@ -239,24 +349,33 @@ impl Topic {
         delivery
     }
 
-    /// Changes the presence state on behalf of `member`; a resulting diff goes to every member
-    /// as `presence_diff` and to the bus. Runs `after` under the same lock with the new state.
+    /// Changes the presence state; a resulting diff goes to every member as `presence_diff`
+    /// and to the bus. Runs `after` under the same lock with the new state.
     pub(crate) fn presence<R>(
         &self,
-        member: MemberId,
         change: impl FnOnce(&mut PresenceState) -> Option<Diff>,
         after: impl FnOnce(&PresenceState) -> R,
     ) -> R {
         let mut inner = lock(&self.inner);
         if let Some(diff) = change(&mut inner.presence) {
-            self.publish_diff(&inner, &diff, Some(member));
+            self.publish_diff(&inner, &diff);
         }
         after(&inner.presence)
     }
 
-    fn publish_diff(&self, inner: &TopicInner, diff: &Diff, member: Option<MemberId>) -> Delivery {
+    fn publish_diff(&self, inner: &TopicInner, diff: &Diff) -> Delivery {
+        let delivery = self.fan_out_diff(inner, diff);
+        self.bus.forward(Message::Presence {
+            topic: &self.key,
+            diff,
+        });
+        delivery
+    }
+
+    /// Sends `diff` to this node's members of the topic as `presence_diff`.
+    fn fan_out_diff(&self, inner: &TopicInner, diff: &Diff) -> Delivery {
         let payload = diff.render();
-        let delivery = fanout::fan_out(
+        fanout::fan_out(
             &self.key.topic,
             &inner.members,
             &Outgoing::Push {
@@ -264,16 +383,7 @@ impl Topic {
                 payload: &payload,
             },
             Audience::presence(),
-        );
-        self.bus.forward(Message::Presence {
-            topic: &self.key,
-            origin: Origin {
-                node: self.node,
-                member,
-            },
-            diff,
-        });
-        delivery
+        )
     }
 
     #[cfg(test)]
@@ -398,6 +508,8 @@ mod tests {
     #[derive(Debug, Default)]
     struct PairBus {
         peer: std::sync::OnceLock<Arc<Registry>>,
+        /// The sending node's id, when presence is to cross too.
+        node: std::sync::OnceLock<NodeId>,
         presence: std::sync::Mutex<Vec<String>>,
     }
 
@@ -409,7 +521,13 @@ mod tests {
                         peer.receive(b);
                     }
                 }
-                Message::Presence { diff, .. } => lock(&self.presence).push(diff.render()),
+                Message::Presence { topic, diff } => {
+                    lock(&self.presence).push(diff.render());
+                    if let (Some(peer), Some(node)) = (self.peer.get(), self.node.get()) {
+                        let (leaves, joins) = diff.wire();
+                        peer.receive_presence(*node, topic, &leaves, &joins);
+                    }
+                }
             }
         }
     }
@@ -436,15 +554,97 @@ mod tests {
         // A node never takes its own message back.
         assert_eq!(a.receive(&push(&a, "room", None, false)).delivered, 0);
         // Presence diffs go to the bus too, from the same critical section.
-        topic_a.presence(
-            sender.id,
-            |s| s.track(sender.id, &Arc::from("k"), "\"a\":1"),
-            |_| (),
-        );
+        topic_a.presence(|s| s.track(sender.id, &Arc::from("k"), "\"a\":1"), |_| ());
         a.leave(&topic_a, sender.id);
         let seen = lock(&bus_a.presence).clone();
         assert_eq!(seen.len(), 2, "{seen:?}");
         assert!(seen[0].contains("\"joins\":{\"k\""), "{seen:?}");
         assert!(seen[1].contains("\"leaves\":{\"k\""), "{seen:?}");
+    }
+
+    fn texts(rx: &mut OutboxReceiver) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(frame) = rx.try_recv() {
+            if let Frame::Text(t) = frame {
+                out.push(t.as_str().to_owned());
+            }
+        }
+        out
+    }
+
+    /// Another node's presence: a joiner here gets it in `presence_state` (kept while nobody
+    /// here was joined), its diffs reach members here, and it goes when its node does.
+    #[tokio::test]
+    async fn other_nodes_presence_is_part_of_the_state() {
+        let bus_a = Arc::new(PairBus::default());
+        let a = Arc::new(Registry::new(bus_a.clone(), NodeId(1)));
+        let b = Arc::new(Registry::new(Arc::new(LocalBus), NodeId(2)));
+        bus_a.peer.set(b.clone()).unwrap();
+        bus_a.node.set(NodeId(1)).unwrap();
+        let (on_a, _rx_a) = member(Vsn::V2);
+        let (topic_a, tracker) = a.join(key("room"), on_a, |_, _| {});
+        topic_a.presence(
+            |s| s.track(tracker.id, &Arc::from("u-a"), "\"n\":1"),
+            |_| (),
+        );
+        // Nobody on B yet: kept aside, then in the first joiner's state.
+        assert_eq!(b.topic_count(), 0);
+        let (on_b, mut rx_b) = member(Vsn::V2);
+        let (topic_b, watcher) = b.join(key("room"), on_b, |_, inner| {
+            assert!(
+                inner.presence.render().contains("\"u-a\""),
+                "{}",
+                inner.presence.render()
+            );
+        });
+        assert!(texts(&mut rx_b).is_empty());
+        // A re-track on A is a diff on B.
+        topic_a.presence(
+            |s| s.track(tracker.id, &Arc::from("u-a"), "\"n\":2"),
+            |_| (),
+        );
+        let got = texts(&mut rx_b);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(
+            got[0].contains("presence_diff") && got[0].contains("\"n\":2"),
+            "{got:?}"
+        );
+        assert_eq!(a.owned_presence().len(), 1);
+        assert!(b.owned_presence().is_empty(), "B owns nothing of it");
+        // The last member on B leaves and comes back: A's member is still known.
+        b.leave(&topic_b, watcher.id);
+        let (again, _rx) = member(Vsn::V2);
+        b.join(key("room"), again, |_, inner| {
+            assert!(inner.presence.render().contains("\"n\":2"));
+        });
+        // A snapshot of A replaces B's copy; an empty one (A is down) removes it.
+        b.replace_node(NodeId(1), a.owned_presence());
+        assert!(
+            b.get(&key("room"))
+                .unwrap()
+                .inner
+                .lock()
+                .unwrap()
+                .presence
+                .render()
+                .contains("\"n\":2")
+        );
+        b.replace_node(NodeId(1), Vec::new());
+        assert_eq!(
+            b.get(&key("room"))
+                .unwrap()
+                .inner
+                .lock()
+                .unwrap()
+                .presence
+                .render(),
+            "{}"
+        );
+        // A node's own diffs coming back are ignored.
+        assert_eq!(
+            a.receive_presence(NodeId(1), &key("room"), &[], &[])
+                .delivered,
+            0
+        );
     }
 }

@@ -7,22 +7,46 @@
 //!
 //! Changes produce a [`Diff`] value (joins and leaves), which the registry encodes once and fans
 //! out as `presence_diff` to every member of the topic, the tracker included. A diff costs
-//! O(changed); the join-time `presence_state` costs O(members). Diffs are plain values, so a
-//! cluster could replicate them later.
+//! O(changed); the join-time `presence_state` costs O(members).
+//!
+//! In a cluster the state also holds the metas other nodes own (`Owner::Remote`), copied from
+//! their diffs ([`WireMeta`]): `presence_state` is then the whole cluster's, and a remote diff
+//! becomes a local `presence_diff` with the same `phx_ref`s. Applying a remote change twice, or
+//! removing a meta that is already gone, changes nothing, so a snapshot and the diffs around it
+//! may overlap.
 //!
 //! A meta's user payload is stored as the canonical JSON text of the object's members, ready to
 //! be spliced into frames; nothing is re-serialized per diff or per recipient.
 
+use super::bus::NodeId;
 use super::member::MemberId;
 use realtime_protocol::frame::push_json_str;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Who holds a meta: a channel of this node, or a channel of another node (by its incarnation
+/// and that node's member id).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Owner {
+    Local(MemberId),
+    Remote(NodeId, MemberId),
+}
+
+/// One meta as it travels between nodes: the owner is the origin node's member id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct WireMeta {
+    pub(crate) owner: MemberId,
+    pub(crate) key: Arc<str>,
+    pub(crate) phx_ref: Box<str>,
+    pub(crate) phx_ref_prev: Option<Box<str>>,
+    pub(crate) body: Box<str>,
+}
+
 /// One meta in the state.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Meta {
-    owner: MemberId,
+    owner: Owner,
     phx_ref: Box<str>,
     phx_ref_prev: Option<Box<str>>,
     /// The members of the user's meta object as JSON text, without braces (`"a":1,"b":2`).
@@ -63,6 +87,40 @@ impl Diff {
         out.push('}');
         out
     }
+
+    /// This node's part of the diff, for the other nodes: (leaves, joins).
+    pub(crate) fn wire(&self) -> (Vec<WireMeta>, Vec<WireMeta>) {
+        let local = |entries: &[(Arc<str>, Meta)]| {
+            entries
+                .iter()
+                .filter_map(|(key, meta)| match meta.owner {
+                    Owner::Local(owner) => Some(meta.wire(owner, key)),
+                    Owner::Remote(..) => None,
+                })
+                .collect()
+        };
+        (local(&self.leaves), local(&self.joins))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.joins.is_empty() && self.leaves.is_empty()
+    }
+
+    fn some(self) -> Option<Diff> {
+        (!self.is_empty()).then_some(self)
+    }
+}
+
+impl Meta {
+    fn wire(&self, owner: MemberId, key: &Arc<str>) -> WireMeta {
+        WireMeta {
+            owner,
+            key: key.clone(),
+            phx_ref: self.phx_ref.clone(),
+            phx_ref_prev: self.phx_ref_prev.clone(),
+            body: self.body.clone(),
+        }
+    }
 }
 
 fn render_grouped(out: &mut String, entries: &[(Arc<str>, Meta)]) {
@@ -101,13 +159,14 @@ fn render_grouped(out: &mut String, entries: &[(Arc<str>, Meta)]) {
 pub(crate) struct PresenceState {
     by_key: HashMap<Arc<str>, Vec<Meta>>,
     /// Which key each tracking channel is under.
-    owners: HashMap<MemberId, Arc<str>>,
+    owners: HashMap<Owner, Arc<str>>,
 }
 
 impl PresenceState {
     /// Tracks (or re-tracks) `owner`'s meta under `key`. `body` is the user object's members as
     /// JSON text. Returns the diff, or `None` when nothing changed.
     pub(crate) fn track(&mut self, owner: MemberId, key: &Arc<str>, body: &str) -> Option<Diff> {
+        let owner = Owner::Local(owner);
         let mut diff = Diff::default();
         let mut prev = None;
         if let Some(old_key) = self.owners.get(&owner).cloned() {
@@ -140,6 +199,14 @@ impl PresenceState {
 
     /// Removes `owner`'s meta. Returns the diff, or `None` when it tracked nothing.
     pub(crate) fn untrack(&mut self, owner: MemberId) -> Option<Diff> {
+        let (key, old) = self.remove(Owner::Local(owner))?;
+        Some(Diff {
+            joins: Vec::new(),
+            leaves: vec![(key, old)],
+        })
+    }
+
+    fn remove(&mut self, owner: Owner) -> Option<(Arc<str>, Meta)> {
         let key = self.owners.remove(&owner)?;
         let metas = self.by_key.get_mut(&key)?;
         let i = metas.iter().position(|m| m.owner == owner)?;
@@ -147,10 +214,109 @@ impl PresenceState {
         if metas.is_empty() {
             self.by_key.remove(&key);
         }
-        Some(Diff {
-            joins: Vec::new(),
-            leaves: vec![(key, old)],
-        })
+        Some((key, old))
+    }
+
+    /// The meta `owner` holds now, with its key.
+    fn held(&self, owner: Owner) -> Option<(&Arc<str>, &Meta)> {
+        let key = self.owners.get(&owner)?;
+        let meta = self.by_key.get(key)?.iter().find(|m| m.owner == owner)?;
+        Some((key, meta))
+    }
+
+    fn insert(&mut self, owner: Owner, meta: &WireMeta) -> (Arc<str>, Meta) {
+        let held = Meta {
+            owner,
+            phx_ref: meta.phx_ref.clone(),
+            phx_ref_prev: meta.phx_ref_prev.clone(),
+            body: meta.body.clone(),
+        };
+        self.by_key
+            .entry(meta.key.clone())
+            .or_default()
+            .push(held.clone());
+        self.owners.insert(owner, meta.key.clone());
+        (meta.key.clone(), held)
+    }
+
+    /// Applies a diff node `node` made of its own metas; returns what changed here.
+    pub(crate) fn apply_remote(
+        &mut self,
+        node: NodeId,
+        leaves: &[WireMeta],
+        joins: &[WireMeta],
+    ) -> Option<Diff> {
+        let mut diff = Diff::default();
+        for meta in leaves {
+            let owner = Owner::Remote(node, meta.owner);
+            if self
+                .held(owner)
+                .is_some_and(|(_, held)| held.phx_ref == meta.phx_ref)
+            {
+                diff.leaves.extend(self.remove(owner));
+            }
+        }
+        for meta in joins {
+            let owner = Owner::Remote(node, meta.owner);
+            match self.held(owner) {
+                Some((_, held)) if held.phx_ref == meta.phx_ref => continue,
+                Some(_) => diff.leaves.extend(self.remove(owner)),
+                None => {}
+            }
+            diff.joins.push(self.insert(owner, meta));
+        }
+        diff.some()
+    }
+
+    /// Makes node `node`'s metas here exactly `metas` (a snapshot of what it owns).
+    pub(crate) fn replace_remote(&mut self, node: NodeId, metas: &[WireMeta]) -> Option<Diff> {
+        let wanted: HashMap<MemberId, &WireMeta> = metas.iter().map(|m| (m.owner, m)).collect();
+        let gone: Vec<Owner> = self
+            .owners
+            .keys()
+            .filter(|owner| match owner {
+                Owner::Remote(n, member) if *n == node => wanted.get(member).is_none_or(|w| {
+                    self.held(**owner)
+                        .is_none_or(|(_, held)| held.phx_ref != w.phx_ref)
+                }),
+                _ => false,
+            })
+            .copied()
+            .collect();
+        let mut diff = Diff::default();
+        for owner in gone {
+            diff.leaves.extend(self.remove(owner));
+        }
+        for meta in metas {
+            let owner = Owner::Remote(node, meta.owner);
+            if self.held(owner).is_none() {
+                diff.joins.push(self.insert(owner, meta));
+            }
+        }
+        diff.some()
+    }
+
+    /// Removes every meta node `node` owns (the node is gone).
+    #[cfg(test)]
+    pub(crate) fn remove_node(&mut self, node: NodeId) -> Option<Diff> {
+        self.replace_remote(node, &[])
+    }
+
+    /// The metas this node's channels hold.
+    pub(crate) fn local_metas(&self) -> Vec<WireMeta> {
+        self.by_key
+            .iter()
+            .flat_map(|(key, metas)| {
+                metas.iter().filter_map(move |meta| match meta.owner {
+                    Owner::Local(owner) => Some(meta.wire(owner, key)),
+                    Owner::Remote(..) => None,
+                })
+            })
+            .collect()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.owners.is_empty()
     }
 
     /// The `presence_state` payload: `{key:{"metas":[…]}}` (`{}` when empty).
@@ -328,6 +494,123 @@ mod tests {
                 .iter()
                 .map(|(k, m)| (k.clone(), m.values().cloned().collect()))
                 .collect()
+        }
+    }
+
+    #[test]
+    fn remote_metas_join_leave_and_go_with_their_node() {
+        let (a, b) = (NodeId(1), NodeId(2));
+        let mut origin = PresenceState::default();
+        let mut here = PresenceState::default();
+        here.track(MemberId(1), &key("k"), "\"n\":0");
+        let d = origin.track(MemberId(7), &key("k"), "\"n\":1").unwrap();
+        let (leaves, joins) = d.wire();
+        let seen = here.apply_remote(a, &leaves, &joins).unwrap();
+        assert_eq!(seen.render(), d.render(), "the same diff, the same refs");
+        assert!(
+            here.apply_remote(a, &leaves, &joins).is_none(),
+            "twice is once"
+        );
+        let v: Value = serde_json::from_str(&here.render()).unwrap();
+        assert_eq!(v["k"]["metas"].as_array().unwrap().len(), 2);
+        assert_eq!(here.local_metas().len(), 1, "only this node's own");
+        // Another node's member with the same member id is another owner.
+        here.apply_remote(b, &[], &joins).unwrap();
+        let d = origin.track(MemberId(7), &key("k"), "\"n\":2").unwrap();
+        let (leaves, joins) = d.wire();
+        let seen = here.apply_remote(a, &leaves, &joins).unwrap();
+        assert_eq!(seen.render(), d.render());
+        let gone = here.remove_node(a).unwrap();
+        let v: Value = serde_json::from_str(&gone.render()).unwrap();
+        assert_eq!(v["leaves"]["k"]["metas"][0]["n"], 2);
+        assert_eq!(v["joins"], json!({}));
+        assert!(here.remove_node(a).is_none());
+        let v: Value = serde_json::from_str(&here.render()).unwrap();
+        assert_eq!(
+            v["k"]["metas"].as_array().unwrap().len(),
+            2,
+            "b's and ours stay"
+        );
+    }
+
+    #[derive(Clone, Debug)]
+    enum ClusterOp {
+        Track {
+            who: u8,
+            key: u8,
+            n: u8,
+        },
+        Untrack {
+            who: u8,
+        },
+        /// The diff is lost on the way (a full queue, a cut).
+        Lose,
+        /// The diff arrives twice.
+        Twice,
+        /// The receiver asks for a snapshot and replaces its copy.
+        Snapshot,
+    }
+
+    fn cluster_op() -> impl Strategy<Value = ClusterOp> {
+        prop_oneof![
+            4 => (0u8..5, 0u8..3, 0u8..3).prop_map(|(who, key, n)| ClusterOp::Track { who, key, n }),
+            2 => (0u8..5).prop_map(|who| ClusterOp::Untrack { who }),
+            1 => Just(ClusterOp::Lose),
+            1 => Just(ClusterOp::Twice),
+            1 => Just(ClusterOp::Snapshot),
+        ]
+    }
+
+    proptest! {
+        /// A node's copy of another node's presence, fed its diffs (some lost, some twice) and
+        /// now and then a snapshot, ends equal to the origin's state once a snapshot follows the
+        /// last loss; an observer on the receiving node, fed the receiver's diffs, sees the same.
+        #[test]
+        fn a_copy_converges_after_a_snapshot(ops in prop::collection::vec(cluster_op(), 0..60)) {
+            let node = NodeId(9);
+            let mut origin = PresenceState::default();
+            let mut copy = PresenceState::default();
+            let mut observer = Observer::default();
+            observer.apply_state(&copy.render());
+            let mut lose = false;
+            let mut twice = false;
+            for op in ops {
+                let diff = match op {
+                    ClusterOp::Track { who, key, n } => origin.track(
+                        MemberId(who.into()),
+                        &Arc::from(format!("k{key}")),
+                        &format!("\"n\":{n}"),
+                    ),
+                    ClusterOp::Untrack { who } => origin.untrack(MemberId(who.into())),
+                    ClusterOp::Lose => { lose = true; None }
+                    ClusterOp::Twice => { twice = true; None }
+                    ClusterOp::Snapshot => {
+                        if let Some(d) = copy.replace_remote(node, &origin.local_metas()) {
+                            observer.apply_diff(&d.render());
+                        }
+                        None
+                    }
+                };
+                if let Some(diff) = diff {
+                    let (leaves, joins) = diff.wire();
+                    if !std::mem::take(&mut lose) {
+                        for _ in 0..if std::mem::take(&mut twice) { 2 } else { 1 } {
+                            if let Some(d) = copy.apply_remote(node, &leaves, &joins) {
+                                observer.apply_diff(&d.render());
+                            }
+                        }
+                    }
+                }
+            }
+            if let Some(d) = copy.replace_remote(node, &origin.local_metas()) {
+                observer.apply_diff(&d.render());
+            }
+            let mut truth = Observer::default();
+            truth.apply_state(&origin.render());
+            let mut got = Observer::default();
+            got.apply_state(&copy.render());
+            prop_assert_eq!(got.view(), truth.view());
+            prop_assert_eq!(observer.view(), truth.view());
         }
     }
 

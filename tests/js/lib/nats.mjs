@@ -1,0 +1,74 @@
+// Starts Debian's nats-server (the engine of a gateway cluster) for a test file: 127.0.0.1, a free
+// port, core NATS only, short pings so that a dead client is noticed within seconds. `stop()` and
+// `start()` again on the same port play a NATS restart.
+
+import { spawn } from 'node:child_process'
+import { existsSync, mkdtempSync, writeFileSync } from 'node:fs'
+import { connect } from 'node:net'
+import { tmpdir } from 'node:os'
+import { join } from 'node:path'
+import { freePort } from './gateway.mjs'
+
+const children = new Set()
+process.on('exit', () => {
+  for (const child of children) child.kill('SIGKILL')
+})
+
+export function natsBinary() {
+  if (process.env.NATS_SERVER_BIN) return process.env.NATS_SERVER_BIN
+  for (const path of ['/usr/sbin/nats-server', '/usr/bin/nats-server']) if (existsSync(path)) return path
+  return 'nats-server'
+}
+
+function listening(port) {
+  return new Promise((resolve) => {
+    const socket = connect({ host: '127.0.0.1', port }, () => {
+      socket.destroy()
+      resolve(true)
+    })
+    socket.on('error', () => resolve(false))
+  })
+}
+
+/** A nats-server on 127.0.0.1; `url` is what CLUSTER_NATS_URL takes. */
+export async function startNats({ port: wanted } = {}) {
+  const port = wanted ?? (await freePort())
+  const dir = mkdtempSync(join(tmpdir(), 'nats-'))
+  const config = join(dir, 'nats.conf')
+  writeFileSync(config, `max_payload: 8MB\nping_interval: "2s"\nping_max: 2\nwrite_deadline: "2s"\n`)
+  let child
+  const output = []
+  const server = {
+    port,
+    url: `nats://127.0.0.1:${port}`,
+    logs: () => output.slice(),
+    async start() {
+      child = spawn(natsBinary(), ['-a', '127.0.0.1', '-p', String(port), '-c', config], {
+        stdio: ['ignore', 'pipe', 'pipe'],
+      })
+      children.add(child)
+      for (const stream of [child.stdout, child.stderr]) {
+        stream.setEncoding('utf8')
+        stream.on('data', (chunk) => {
+          output.push(chunk)
+          if (output.length > 200) output.shift()
+        })
+      }
+      child.once('exit', () => children.delete(child))
+      const started = Date.now()
+      while (!(await listening(port))) {
+        if (child.exitCode !== null) throw new Error(`nats-server exited: ${output.join('')}`)
+        if (Date.now() - started > 10_000) throw new Error(`nats-server not listening: ${output.join('')}`)
+        await new Promise((r) => setTimeout(r, 50))
+      }
+    },
+    async stop() {
+      if (!child || child.exitCode !== null) return
+      const exited = new Promise((resolve) => child.once('exit', resolve))
+      child.kill('SIGKILL')
+      await exited
+    },
+  }
+  await server.start()
+  return server
+}
