@@ -100,6 +100,7 @@ pub async fn run(
                     heartbeat: std::time::Duration::from_millis(config.node_heartbeat_ms),
                     down_after: std::time::Duration::from_millis(config.node_down_after_ms),
                     linger: std::time::Duration::from_millis(config.topic_unsub_linger_ms),
+                    largest_message: config.max_payload_bytes() + cluster::ENVELOPE_ALLOWANCE,
                 },
                 shutdown_token.clone(),
                 &tracker,

@@ -49,6 +49,8 @@ const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 const INTEREST_WAIT: Duration = Duration::from_secs(2);
 /// How long a snapshot request waits for its answer.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(3);
+/// What the envelope adds to a payload at most (ids, event name, topic), for the `max_payload` check.
+pub(crate) const ENVELOPE_ALLOWANCE: usize = 4096;
 
 /// How the node joins the cluster.
 #[derive(Clone, Debug)]
@@ -60,6 +62,9 @@ pub(crate) struct Settings {
     pub(crate) heartbeat: Duration,
     pub(crate) down_after: Duration,
     pub(crate) linger: Duration,
+    /// The largest message this node may publish (the payload cap and the envelope): a server
+    /// whose `max_payload` is smaller drops those, so it is said at every connect.
+    pub(crate) largest_message: usize,
 }
 
 /// Counters of the cluster, for `/metrics`.
@@ -176,7 +181,23 @@ impl Cluster {
         tracker.spawn(events_loop(cluster.clone(), events_rx, shutdown.clone()));
         tracker.spawn(peers::run(cluster.clone(), shutdown.clone()));
         tracker.spawn(sweep_interest(cluster.clone(), shutdown));
+        if cluster.is_connected() {
+            cluster.check_max_payload();
+        }
         Ok(cluster)
+    }
+
+    /// Warns when the server would refuse this node's largest messages (they are dropped and
+    /// counted in `realtime_cluster_dropped_total`).
+    fn check_max_payload(&self) {
+        let limit = self.client.server_info().max_payload;
+        if limit < self.settings.largest_message {
+            warn!(
+                server_max_payload = limit,
+                largest_message = self.settings.largest_message,
+                "cluster: the NATS server's max_payload is below MAX_PAYLOAD_SIZE_IN_KB: larger broadcasts stay on their node (set max_payload: 8MB in nats-server's config)"
+            );
+        }
     }
 
     pub(crate) fn node(&self) -> NodeId {
@@ -193,6 +214,30 @@ impl Cluster {
 
     pub(crate) fn is_connected(&self) -> bool {
         self.connected.load(Ordering::Acquire)
+    }
+
+    /// Follows the client's connection state: the events that also say it can be lost (the
+    /// client drops them when their queue is full).
+    fn set_connected(&self, up: bool) {
+        let was = self.connected.swap(up, Ordering::AcqRel);
+        if up && !was {
+            Self::count(&self.metrics.reconnects);
+            info!("cluster: NATS connection up");
+            self.check_max_payload();
+            self.resync.notify_one();
+        } else if !up && was {
+            warn!(
+                "cluster: NATS connection lost; serving this node's sockets only until it is back"
+            );
+        }
+    }
+
+    /// Called every check tick: the state the client reports wins over the events seen.
+    pub(super) fn reconcile_connection(&self) {
+        let up = self.client.connection_state() == async_nats::connection::State::Connected;
+        if up != self.is_connected() {
+            self.set_connected(up);
+        }
     }
 
     fn subject(&self, kind: &str, topic: &TopicKey) -> String {
@@ -436,7 +481,8 @@ impl Bus for Arc<Cluster> {
     fn interest(&self, key: &TopicKey) -> Option<Ready> {
         let mut interest = self.interest.lock().unwrap_or_else(|p| p.into_inner());
         let entry = match interest.get_mut(key) {
-            Some(entry) if !entry.task.is_finished() || *entry.ready.borrow() => entry,
+            // A finished task has no subscription (it failed, or its stream ended): again.
+            Some(entry) if !entry.task.is_finished() => entry,
             _ => {
                 interest.insert(key.clone(), self.follow(key));
                 interest.get_mut(key).expect("just inserted")
@@ -450,6 +496,19 @@ impl Bus for Arc<Cluster> {
         Some(Box::pin(async move {
             let _ = tokio::time::timeout(INTEREST_WAIT, ready.wait_for(|r| *r)).await;
         }))
+    }
+
+    fn touch(&self, key: &TopicKey) {
+        let mut interest = self.interest.lock().unwrap_or_else(|p| p.into_inner());
+        match interest.get_mut(key) {
+            Some(entry) if !entry.task.is_finished() => entry.wanted = Instant::now(),
+            _ => {
+                // The join outlasted the linger (a slow authorization check) and the sweep
+                // let the subject go: follow it again at once.
+                debug!(topic = %key.topic, "cluster: a join outlasted its subscription; subscribing again");
+                interest.insert(key.clone(), self.follow(key));
+            }
+        }
     }
 }
 
@@ -504,21 +563,8 @@ async fn events_loop(
             event = events.recv() => match event { Some(e) => e, None => break },
         };
         match event {
-            async_nats::Event::Connected => {
-                let was = cluster.connected.swap(true, Ordering::AcqRel);
-                if !was {
-                    Cluster::count(&cluster.metrics.reconnects);
-                    info!("cluster: NATS connection up");
-                    cluster.resync.notify_one();
-                }
-            }
-            async_nats::Event::Disconnected => {
-                if cluster.connected.swap(false, Ordering::AcqRel) {
-                    warn!(
-                        "cluster: NATS connection lost; serving this node's sockets only until it is back"
-                    );
-                }
-            }
+            async_nats::Event::Connected => cluster.set_connected(true),
+            async_nats::Event::Disconnected => cluster.set_connected(false),
             async_nats::Event::SlowConsumer(_) => {
                 Cluster::count(&cluster.metrics.slow_consumer);
                 // Something was dropped: presence is checked against every node again.

@@ -100,11 +100,20 @@ pub(super) async fn run(cluster: Arc<Cluster>, shutdown: CancellationToken) {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            // Ticks first: a flood of diffs never holds up this node's heartbeat or the check.
+            _ = beat.tick() => cluster.heartbeat(false),
+            _ = check.tick() => {
+                let now = Instant::now();
+                let frozen = now.duration_since(last_check) > silence / 2;
+                last_check = now;
+                cluster.reconcile_connection();
+                state.check(now, silence, frozen);
+            }
             Some(m) = diffs.next() => state.on_diff(&m.payload),
             Some(m) = beats.next() => state.on_heartbeat(&m.payload),
             Some(m) = asks.next() => {
                 if let Some(reply) = m.reply {
-                    state.answer(reply.to_string()).await;
+                    state.answer(reply.to_string());
                 }
             }
             Some((node, answer)) = answered.recv() => state.on_snapshot(node, answer),
@@ -118,13 +127,6 @@ pub(super) async fn run(cluster: Arc<Cluster>, shutdown: CancellationToken) {
                 for id in ids {
                     state.ask(id);
                 }
-            }
-            _ = beat.tick() => cluster.heartbeat(false),
-            _ = check.tick() => {
-                let now = Instant::now();
-                let frozen = now.duration_since(last_check) > silence / 2;
-                last_check = now;
-                state.check(now, silence, frozen);
             }
         }
     }
@@ -170,7 +172,7 @@ impl Peers {
         let Some(peer) = self.peer(origin, Instant::now()) else {
             return;
         };
-        if peer.synced && seq == peer.applied + 1 {
+        if peer.synced && Some(seq) == peer.applied.checked_add(1) {
             peer.applied = seq;
             if let Some(registry) = self.cluster.registry() {
                 registry.receive_presence(origin, &delta.topic, &delta.leaves, &delta.joins);
@@ -198,6 +200,10 @@ impl Peers {
             return;
         };
         let now = Instant::now();
+        if origin == self.cluster.node || self.gone.contains_key(&origin) {
+            // Ourselves, or an incarnation that left or was replaced: it replaces nobody.
+            return;
+        }
         if hb.leaving {
             if self.peers.contains_key(&origin) {
                 info!(node = %hb.name, "cluster: node left");
@@ -303,10 +309,10 @@ impl Peers {
         waiting.sort_by_key(|(seq, _)| *seq);
         let mut rest = Vec::new();
         for (seq, delta) in waiting {
-            if !peer.synced || seq > peer.applied + 1 {
+            if !peer.synced || seq > peer.applied.saturating_add(1) {
                 peer.synced = false;
                 rest.push((seq, delta));
-            } else if seq == peer.applied + 1 {
+            } else if Some(seq) == peer.applied.checked_add(1) {
                 peer.applied = seq;
                 registry.receive_presence(node, &delta.topic, &delta.leaves, &delta.joins);
             }
@@ -317,8 +323,9 @@ impl Peers {
         }
     }
 
-    /// Answers a snapshot request with what this node's channels hold.
-    async fn answer(&self, reply: String) {
+    /// Answers a snapshot request with what this node's channels hold (sent by a task of its
+    /// own, so a full connection never holds up this loop).
+    fn answer(&self, reply: String) {
         let Some(registry) = self.cluster.registry() else {
             return;
         };
@@ -326,9 +333,12 @@ impl Peers {
         let seq = self.cluster.presence_seq();
         let owned = registry.owned_presence();
         let payload = envelope::snapshot(self.cluster.node, seq, &owned);
-        if let Err(e) = self.cluster.client.publish(reply, payload).await {
-            warn!(error = %e, "cluster: could not answer a presence snapshot request");
-        }
+        let client = self.cluster.client.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.publish(reply, payload).await {
+                warn!(error = %e, "cluster: could not answer a presence snapshot request");
+            }
+        });
     }
 
     /// Drops nodes silent for `silence`; after this node itself was frozen (`frozen`), the

@@ -90,6 +90,10 @@ pub(crate) trait Bus: Send + Sync + fmt::Debug {
     fn interest(&self, _key: &TopicKey) -> Option<Ready> {
         None
     }
+
+    /// A member joins `key` now (outside any registry lock): what `interest` set up must
+    /// still be there, however long the join took since.
+    fn touch(&self, _key: &TopicKey) {}
 }
 
 /// The bus of a single node: nothing to forward to.

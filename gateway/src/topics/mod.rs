@@ -108,6 +108,7 @@ impl Registry {
         new: NewMember,
         joined: impl FnOnce(&Member, &TopicInner),
     ) -> (Arc<Topic>, Arc<Member>) {
+        self.bus.touch(&key);
         let mut guard = lock(self.shard(&key));
         let shard = &mut *guard;
         let topic = shard
