@@ -1,7 +1,8 @@
 // Several gateway nodes on one nats-server (Debian's 2.9.10), with real supabase-js clients on
 // different nodes: Broadcast (client and REST) reaches every subscriber on every node exactly once and
 // in each sender's order; Presence is the whole cluster's, including a node killed with -9, a node
-// frozen with SIGSTOP past NODE_DOWN_AFTER_MS, a node that starts late, and nats-server restarted.
+// frozen with SIGSTOP past NODE_DOWN_AFTER_MS, a node that starts late, a node cut off from NATS
+// (a partition) that heals, and nats-server restarted.
 //
 // Heartbeats are 250 ms and a node is down after 2,000 ms here, to keep the file short; the
 // defaults are 1,000 / 5,000.
@@ -13,17 +14,18 @@ import { closeClients, joined, supabaseClient } from './lib/clients.mjs'
 import { startGateway } from './lib/gateway.mjs'
 import { startNats } from './lib/nats.mjs'
 import { presenceJoined } from './lib/presence-helpers.mjs'
+import { startProxy } from './lib/proxy.mjs'
 
 const DOWN_AFTER_MS = 2000
 let nats
 let secret
 const nodes = []
 
-async function node(name) {
+async function node(name, natsUrl = nats.url) {
   const gw = await startGateway({
     secret,
     env: {
-      CLUSTER_NATS_URL: nats.url,
+      CLUSTER_NATS_URL: natsUrl,
       NODE_NAME: name,
       NODE_HEARTBEAT_MS: '250',
       NODE_DOWN_AFTER_MS: String(DOWN_AFTER_MS),
@@ -108,6 +110,18 @@ test('self: false on a node still reaches the other nodes, and the sender does n
   )
 })
 
+test('a 2 MB broadcast crosses nodes whole', async () => {
+  const [a, b] = nodes
+  const name = room('large')
+  const sender = await joined(client(a), name, { config: { broadcast: { ack: true } } })
+  const remote = await joined(client(b), name, {})
+  const big = 'x'.repeat(2_000_000)
+  assert.equal(await sender.channel.send({ type: 'broadcast', event: 'big', payload: { big } }), 'ok')
+  const got = await remote.broadcasts.find((m) => m.event === 'big', 10_000, 'the 2 MB message on b')
+  assert.equal(got.payload.big.length, big.length)
+  assert.ok(got.payload.big === big, 'the same bytes')
+})
+
 test('a REST broadcast on one node reaches subscribers on the others once, and nothing else is told', async () => {
   const [a, b, c] = nodes
   const name = room('rest')
@@ -130,7 +144,7 @@ test('a REST broadcast on one node reaches subscribers on the others once, and n
   assert.equal(other.broadcasts.length, 0, 'another topic hears nothing')
 })
 
-test('presence spans nodes: a joiner sees everyone, diffs cross, a node killed with -9 leaves within NODE_DOWN_AFTER_MS', async () => {
+test('presence spans nodes: a joiner sees everyone, diffs cross, a node killed with -9 leaves within NODE_DOWN_AFTER_MS', async (t) => {
   const [a, b] = nodes
   await peersUp(nodes, nodes.length - 1)
   const victim = await node(`victim-${randomUUID().slice(0, 8)}`)
@@ -156,11 +170,12 @@ test('presence spans nodes: a joiner sees everyone, diffs cross, a node killed w
   }
   const took = Date.now() - killed
   assert.ok(took <= DOWN_AFTER_MS + 500, `left after ${took} ms`)
+  t.diagnostic(`kill -9: the node's member left the others ${took} ms after the kill (NODE_DOWN_AFTER_MS ${DOWN_AFTER_MS})`)
   assert.deepEqual(keys(onA.state()), ['on-a', 'on-b'])
   assert.deepEqual(keys(onB.state()), ['on-a', 'on-b'])
 })
 
-test('a node frozen past NODE_DOWN_AFTER_MS is dropped, then converges again within 3 s of resuming, no ghosts', async () => {
+test('a node frozen past NODE_DOWN_AFTER_MS is dropped, then converges again within 3 s of resuming, no ghosts', async (t) => {
   const [a, b] = nodes
   const frozen = await node(`frozen-${randomUUID().slice(0, 8)}`)
   await peersUp(nodes, nodes.length - 1)
@@ -189,6 +204,7 @@ test('a node frozen past NODE_DOWN_AFTER_MS is dropped, then converges again wit
   }
   const took = Date.now() - resumed
   assert.ok(took <= 3000, `converged ${took} ms after SIGCONT`)
+  t.diagnostic(`SIGSTOP: converged ${took} ms after SIGCONT`)
   await sleep(DOWN_AFTER_MS) // no flap afterwards
   for (const ch of [onA, onB, onFrozen]) {
     assert.deepEqual(keys(ch.state()), want)
@@ -213,6 +229,65 @@ test('a node that starts late gets the whole state', async () => {
   await onLate.untilState((s) => keys(s).includes('on-a') && keys(s).includes('on-b'), 3000, 'the late node sees a and b')
   await late.stop()
   nodes.splice(nodes.indexOf(late), 1)
+})
+
+test('a partition that heals: each side drops the other within NODE_DOWN_AFTER_MS, then both converge, no ghosts', async (t) => {
+  const [a, b] = nodes
+  // p reaches NATS through a loopback proxy; cutting it leaves p's connection open and silent.
+  const proxy = await startProxy(nats.port)
+  const p = await node(`partitioned-${randomUUID().slice(0, 8)}`, `nats://127.0.0.1:${proxy.port}`)
+  try {
+    await peersUp(nodes, nodes.length - 1)
+    const name = room('partition')
+    const onA = await presenceJoined(client(a), name, { key: 'on-a' })
+    await onA.channel.track({ node: 'a' })
+    const onP = await presenceJoined(client(p), name, { key: 'on-p' })
+    await onP.channel.track({ node: 'p' })
+    await onA.untilState((s) => keys(s).join() === 'on-a,on-p', 5000, 'a sees p')
+    await onP.untilState((s) => keys(s).join() === 'on-a,on-p', 5000, 'p sees a')
+
+    const cut = Date.now()
+    proxy.cut()
+    proxy.hold()
+    await Promise.all([
+      onA.untilState((s) => !('on-p' in s), DOWN_AFTER_MS + 2000, "p's member leaves a"),
+      onP.untilState((s) => !('on-a' in s), DOWN_AFTER_MS + 2000, "a's member leaves p"),
+    ])
+    const dropped = Date.now() - cut
+    assert.ok(dropped <= DOWN_AFTER_MS + 1000, `both sides dropped the other after ${dropped} ms`)
+    // While apart: a member comes and goes on b, another stays, and p's member changes.
+    const passing = await presenceJoined(client(b), name, { key: 'passing' })
+    await passing.channel.track({ node: 'b' })
+    await passing.channel.untrack()
+    const onB = await presenceJoined(client(b), name, { key: 'on-b' })
+    await onB.channel.track({ node: 'b' })
+    await onP.channel.track({ node: 'p', status: 'apart' })
+    await sleep(500)
+
+    const healed = Date.now()
+    proxy.release()
+    const want = 'on-a,on-b,on-p'
+    for (const [label, ch] of [['a', onA], ['b', onB], ['p', onP]]) {
+      await ch.untilState((s) => keys(s).join() === want, 15_000, `${label} converges after the heal`)
+    }
+    await onA.untilState((s) => s['on-p']?.[0]?.status === 'apart', 3000, "p's change made while apart reaches a")
+    const converged = Date.now() - healed
+    await sleep(DOWN_AFTER_MS) // no flap afterwards
+    for (const ch of [onA, onB, onP]) {
+      assert.equal(keys(ch.state()).join(), want)
+      for (const key of want.split(',')) assert.equal(ch.state()[key].length, 1, `${key}: one meta, no ghost`)
+    }
+    // Broadcast crosses the healed link both ways.
+    await onA.channel.send({ type: 'broadcast', event: 'healed', payload: { from: 'a' } })
+    await onP.channel.send({ type: 'broadcast', event: 'healed', payload: { from: 'p' } })
+    await onP.broadcasts.find((m) => m.event === 'healed' && m.payload.from === 'a', 5000, "a's broadcast on p")
+    await onA.broadcasts.find((m) => m.event === 'healed' && m.payload.from === 'p', 5000, "p's broadcast on a")
+    t.diagnostic(`partition: dropped on both sides ${dropped} ms after the cut; converged ${converged} ms after the heal`)
+  } finally {
+    await p.stop()
+    nodes.splice(nodes.indexOf(p), 1)
+    await proxy.stop()
+  }
 })
 
 test('nats-server restarted: local delivery goes on, loss is counted, broadcast and presence come back', async () => {

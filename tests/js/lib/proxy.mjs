@@ -1,7 +1,8 @@
 // A loopback TCP proxy in front of the gateway, for drills that break a client's connection the way
 // networks do: `cut()` stops forwarding on the connections open now, both ways, and keeps them open
 // (nothing is closed, so only heartbeats can notice); `refuse(ms)` closes them and turns new ones
-// away for a while. New connections after a cut are forwarded as usual.
+// away for a while; `hold()` turns new ones away, without closing any, until `release()`. New
+// connections after a cut are forwarded as usual.
 
 import { createServer, connect } from 'node:net'
 
@@ -58,6 +59,13 @@ export async function startProxy(targetPort) {
         pair.client.end()
         pair.upstream.end()
       }
+    },
+    /** Turns new connections away, closing none, until `release()`. */
+    hold() {
+      refuseUntil = Infinity
+    },
+    release() {
+      refuseUntil = 0
     },
     async stop() {
       for (const pair of [...pairs]) {
