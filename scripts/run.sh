@@ -9,15 +9,82 @@
 # The gateway listens on HOST:PORT (default 0.0.0.0:4000). Without API_JWT_SECRET it generates one
 # and prints an anon key and a service_role key to use with createClient(url, key).
 # Extra arguments are passed to the gateway (see `realtime-gateway --help`).
+#
+# CLUSTER_NODES=N (N >= 2) starts N gateway nodes instead, on PORT, PORT+1, … (4000, 4001, …), and
+# a nats-server on 127.0.0.1:${NATS_PORT:-4222} that they share Broadcast and Presence through
+# (Debian: apt-get install nats-server). They sign tokens with one secret (generated and printed
+# when API_JWT_SECRET is unset). Each node reads the WAL from a slot of its own
+# (`realtime_gateway_<n>`).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
 cargo build --release -p realtime-gateway
 gateway="$repo/target/release/realtime-gateway"
+nodes="${CLUSTER_NODES:-1}"
+nats_pid=""
+
+# Runs the gateway, or the cluster's nodes and nats-server, until a signal or the first exit.
+serve() {
+  if [ "$nodes" -le 1 ]; then
+    "$gateway" "$@" &
+    pids=($!)
+  else
+    nats_bin="$(command -v nats-server || echo /usr/sbin/nats-server)"
+    if [ ! -x "$nats_bin" ]; then
+      echo "run: CLUSTER_NODES=$nodes needs nats-server (Debian/Ubuntu: apt-get install nats-server)" >&2
+      exit 1
+    fi
+    nats_port="${NATS_PORT:-4222}"
+    grep -v '^http_port' "$repo/docker/nats.conf" >"${TMPDIR:-/tmp}/realtime-dev-nats.conf"
+    "$nats_bin" -a 127.0.0.1 -p "$nats_port" -c "${TMPDIR:-/tmp}/realtime-dev-nats.conf" >/dev/null 2>&1 &
+    nats_pid=$!
+    pids=()
+    if [ -z "${API_JWT_SECRET:-}" ]; then
+      API_JWT_SECRET="$(head -c 30 /dev/urandom | base64 | tr '+/' '-_')"
+      export API_JWT_SECRET
+      echo "run: no API_JWT_SECRET set: generated a secret for this run only"
+      python3 - <<'PY'
+import base64, hashlib, hmac, json, os, time
+def b64(b): return base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+def key(role):
+    head = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = b64(json.dumps({"iss": "supabase", "role": role, "exp": int(time.time()) + 10 * 365 * 86400}).encode())
+    sig = hmac.new(os.environ["API_JWT_SECRET"].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(sig)}"
+print("anon key:         " + key("anon"))
+print("service_role key: " + key("service_role"))
+PY
+    fi
+    base="${PORT:-4000}"
+    for n in $(seq 1 "$nodes"); do
+      PORT=$((base + n - 1)) NODE_NAME="node-$n" CLUSTER_NATS_URL="nats://127.0.0.1:$nats_port" \
+        SLOT_NAME="${SLOT_NAME:-realtime_gateway}_$n" "$gateway" "$@" &
+      pids+=($!)
+      echo "run: node-$n on port $((base + n - 1))"
+    done
+  fi
+  trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM
+  # A signal interrupts `wait`; keep waiting until every process has exited, so Postgres is
+  # stopped only after the gateways released their replication connections.
+  wait -n "${pids[@]}" 2>/dev/null || true
+  kill -TERM "${pids[@]}" 2>/dev/null || true
+  for pid in "${pids[@]}"; do
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+  done
+  # nats-server last: the nodes' leaving heartbeats go out through it.
+  if [ -n "${nats_pid:-}" ]; then
+    kill -TERM "$nats_pid" 2>/dev/null || true
+    wait "$nats_pid" 2>/dev/null || true
+  fi
+}
 
 if [ -n "${DATABASE_URL:-}" ]; then
-  exec "$gateway" "$@"
+  if [ "$nodes" -le 1 ]; then
+    exec "$gateway" "$@"
+  fi
+  serve "$@"
+  exit 0
 fi
 
 pgbin=""
@@ -34,7 +101,8 @@ run: no PostgreSQL binaries (initdb) found, so Postgres Changes are off; serving
      Presence only. For the whole stack install them (Debian/Ubuntu: apt-get install postgresql)
      or set DATABASE_URL to a database with wal_level=logical.
 MSG
-  exec "$gateway" "$@"
+  serve "$@"
+  exit 0
 fi
 
 dir="$(mktemp -d "${TMPDIR:-/tmp}/realtime-dev-pg.XXXXXX")"
@@ -66,11 +134,4 @@ for f in supabase/migrations/*.sql supabase/seed.sql; do
 done
 echo "run: throwaway PostgreSQL at $DATABASE_URL (supabase/ applied; removed when the gateway stops)"
 
-"$gateway" "$@" &
-child=$!
-trap 'kill -TERM $child 2>/dev/null' INT TERM
-# A signal interrupts `wait`; keep waiting until the gateway has really exited, so Postgres is
-# stopped only after the gateway released its replication connection.
-while kill -0 "$child" 2>/dev/null; do
-  wait "$child" || true
-done
+serve "$@"
