@@ -150,8 +150,18 @@ impl Cluster {
                     let _ = tx.send(event);
                 }
             });
+        // A comma list: async-nats parses a string as one address, a list as several.
+        let servers: Vec<&str> = settings
+            .urls
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err("CLUSTER_NATS_URL: no server".into());
+        }
         let client = options
-            .connect(settings.urls.as_str())
+            .connect(servers.as_slice())
             .await
             .map_err(|e| format!("CLUSTER_NATS_URL: {e}"))?;
         let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
