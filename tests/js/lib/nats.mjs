@@ -30,12 +30,23 @@ function listening(port) {
   })
 }
 
-/** A nats-server on 127.0.0.1; `url` is what CLUSTER_NATS_URL takes. */
-export async function startNats({ port: wanted } = {}) {
+/**
+ * A nats-server on 127.0.0.1; `url` is what CLUSTER_NATS_URL takes. With `route` (a port for
+ * routes) and `routes` (the others' route ports) it is one server of a NATS cluster; `monitor`
+ * (an HTTP port) serves `/connz`, which `connections()` reads.
+ */
+export async function startNats({ port: wanted, name, route, routes = [], monitor } = {}) {
   const port = wanted ?? (await freePort())
   const dir = mkdtempSync(join(tmpdir(), 'nats-'))
   const config = join(dir, 'nats.conf')
-  writeFileSync(config, `max_payload: 8MB\nping_interval: "2s"\nping_max: 2\nwrite_deadline: "2s"\n`)
+  let text = `max_payload: 8MB\nping_interval: "2s"\nping_max: 2\nwrite_deadline: "2s"\n`
+  if (name) text += `server_name: ${name}\n`
+  if (monitor) text += `http: "127.0.0.1:${monitor}"\n`
+  if (route) {
+    const list = routes.map((p) => `nats-route://127.0.0.1:${p}`).join(', ')
+    text += `cluster {\n  name: realtime-test\n  listen: "127.0.0.1:${route}"\n  routes: [${list}]\n}\n`
+  }
+  writeFileSync(config, text)
   let child
   const output = []
   const server = {
@@ -61,6 +72,12 @@ export async function startNats({ port: wanted } = {}) {
         if (Date.now() - started > 10_000) throw new Error(`nats-server not listening: ${output.join('')}`)
         await new Promise((r) => setTimeout(r, 50))
       }
+    },
+    /** Names of the clients connected to this server now (needs `monitor`). */
+    async connections() {
+      const response = await fetch(`http://127.0.0.1:${monitor}/connz`)
+      const body = await response.json()
+      return (body.connections ?? []).map((c) => c.name ?? '')
     },
     async stop() {
       if (!child || child.exitCode !== null) return
