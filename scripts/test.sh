@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
+# The gateway's binary first: the bench's cluster smoke test starts it as separate nodes.
+cargo build -p realtime-gateway --locked
 cargo test --workspace --locked
 scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 scripts/test-js.sh

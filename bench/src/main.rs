@@ -194,6 +194,35 @@ enum Command {
         #[arg(long)]
         no_recvlogical: bool,
     },
+    /// Several gateway nodes on one nats-server (started here): cross-node broadcast latency
+    /// and CPU per delivery against a single node, then deliveries/s from 1 to 3 nodes with
+    /// each node capped to `--cpus` of a core (cgroup v1, root). Ignores `--servers`.
+    Cluster {
+        #[arg(long, default_value_t = 500)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 200.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 256)]
+        payload_bytes: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Rounds of the latency part (the three paths alternated in each).
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// CPU quota per node for the scaling part, in cores.
+        #[arg(long, default_value_t = 0.1)]
+        cpus: f64,
+        /// Scaling part: groups, their size, and each group's publish rate.
+        #[arg(long, default_value_t = 60)]
+        groups: usize,
+        #[arg(long, default_value_t = 10)]
+        group_size: usize,
+        #[arg(long, default_value_t = 300.0)]
+        group_rate: f64,
+        /// Skip the scaling part (no cgroup needed).
+        #[arg(long)]
+        no_scaling: bool,
+    },
     /// A Markdown table (figures of both servers and their ratios) and a PNG chart, from the
     /// JSON the other commands printed or from scenarios run now (`--run`); written under
     /// `--out` (default `bench/results/`, ignored by git).
@@ -353,7 +382,45 @@ async fn run(cli: Cli, ceiling: u64) -> anyhow::Result<()> {
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let (name, params, steps) = if matches!(
+    let (name, params, steps) = if let Command::Cluster {
+        subscribers,
+        rate,
+        payload_bytes,
+        seconds,
+        rounds,
+        cpus,
+        groups,
+        group_size,
+        group_rate,
+        no_scaling,
+    } = cli.command
+    {
+        check_seconds(seconds)?;
+        check_sockets(subscribers + 1, ceiling)?;
+        anyhow::ensure!(rounds >= 1, "--rounds must be at least 1");
+        let bin = servers::sibling_binary(cli.servers.bin_dir.as_deref(), "realtime-gateway")?;
+        let latency =
+            scenario::cluster::latency(&bin, subscribers, rate, payload_bytes, seconds, rounds)
+                .await?;
+        eprintln!(
+            "summary: cluster latency (medians of {rounds} rounds) cross-node / single node: {}, same node in a cluster / single node: {}",
+            latency["cross_over_single"], latency["local_over_single"]
+        );
+        let mut steps = vec![json!({"step": "latency", "results": latency})];
+        if !no_scaling {
+            let scaling =
+                scenario::cluster::scaling(&bin, cpus, groups, group_size, group_rate, seconds)
+                    .await?;
+            for r in scaling["rows"].as_array().into_iter().flatten() {
+                eprintln!(
+                    "summary: cluster scaling {} nodes, {} groups: {} deliveries/s ({}x one node)",
+                    r["nodes"], r["groups"], r["deliveries_per_s"], r["over_one_node"]
+                );
+            }
+            steps.push(json!({"step": "scaling", "results": scaling}));
+        }
+        ("cluster", json!({}), steps)
+    } else if matches!(
         cli.command,
         Command::Private { .. } | Command::DbBroadcast { .. } | Command::PgChanges { .. }
     ) {
@@ -771,6 +838,7 @@ async fn socket_command(
             )
         }
         Command::Report { .. }
+        | Command::Cluster { .. }
         | Command::Private { .. }
         | Command::DbBroadcast { .. }
         | Command::PgChanges { .. } => unreachable!("handled above"),

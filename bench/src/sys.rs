@@ -155,3 +155,33 @@ impl CpuSampler {
         }
     }
 }
+
+/// A process held to `cpus` of one core by a cgroup-v1 CPU quota (root only), released when
+/// dropped: the process goes back to the root group and the group is removed.
+pub struct CpuCap {
+    dir: std::path::PathBuf,
+    pid: u32,
+}
+
+impl CpuCap {
+    pub fn new(name: &str, pid: u32, cpus: f64) -> anyhow::Result<CpuCap> {
+        use anyhow::Context;
+        let dir = std::path::Path::new("/sys/fs/cgroup/cpu").join(name);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("creating {} (cgroup v1, as root)", dir.display()))?;
+        std::fs::write(dir.join("cpu.cfs_period_us"), "100000")?;
+        std::fs::write(
+            dir.join("cpu.cfs_quota_us"),
+            format!("{}", (cpus * 100_000.0).round() as u64),
+        )?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        Ok(CpuCap { dir, pid })
+    }
+}
+
+impl Drop for CpuCap {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/sys/fs/cgroup/cpu/cgroup.procs", self.pid.to_string());
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}

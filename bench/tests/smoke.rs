@@ -202,3 +202,45 @@ fn the_command_line_prints_json() {
     assert!(std::fs::read(png.path()).unwrap().starts_with(b"\x89PNG"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The cluster scenario's latency part at a tiny size: a nats-server and two gateway nodes
+/// (the `realtime-gateway` binary next to this one), every path delivering.
+#[test]
+fn the_cluster_scenario_runs_on_nats() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_realtime-bench"));
+    assert!(
+        ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .iter()
+            .any(|p| Path::new(p).exists()),
+        "nats-server is missing (scripts/install-deps.sh installs it)"
+    );
+    let out = std::process::Command::new(bin)
+        .args([
+            "cluster",
+            "--subscribers",
+            "3",
+            "--rate",
+            "20",
+            "--seconds",
+            "0.5",
+            "--rounds",
+            "1",
+            "--no-scaling",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["scenario"], "cluster");
+    let rows = doc["steps"][0]["results"]["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    for row in rows {
+        assert_eq!(row["delivered"], row["expected"], "{row}");
+        assert!(row["delivered"].as_u64() > Some(0), "{row}");
+    }
+    assert!(String::from_utf8_lossy(&out.stderr).contains("summary: cluster latency"));
+}

@@ -10,7 +10,7 @@
 //! below `expected` and a high p99.
 
 use crate::client::{self, Client, HEARTBEAT_INTERVAL, Received, now_us};
-use crate::scenario::{Latency, connect_all};
+use crate::scenario::{Latency, connect_all_on};
 use crate::servers::Target;
 use crate::sys::{CpuReport, CpuSampler};
 use futures_util::{SinkExt, StreamExt};
@@ -42,6 +42,9 @@ pub struct Plan {
     pub private: bool,
     /// Each client's join token (`access_token`), by index; empty: the target's key.
     pub tokens: Vec<String>,
+    /// The node each client connects to, by index (into the targets of [`run_on`]); empty:
+    /// the first.
+    pub nodes: Vec<usize>,
 }
 
 impl Plan {
@@ -79,6 +82,7 @@ impl Plan {
             drain: Duration::from_secs(1),
             private: false,
             tokens: Vec::new(),
+            nodes: Vec::new(),
         }
     }
 
@@ -99,6 +103,7 @@ impl Plan {
             drain: Duration::from_secs(1),
             private: false,
             tokens: Vec::new(),
+            nodes: Vec::new(),
         }
     }
 
@@ -142,6 +147,7 @@ impl Plan {
             drain: Duration::from_secs(1),
             private: false,
             tokens: Vec::new(),
+            nodes: Vec::new(),
         }
     }
 
@@ -191,10 +197,28 @@ struct Tally {
 
 /// Runs `plan` against `target`.
 pub async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Outcome> {
+    Ok(run_on(&[target], &[], plan).await?.0)
+}
+
+/// Runs `plan` against several nodes (client `i` on `targets[plan.nodes[i]]`); the outcome's
+/// server CPU is the first node's; the CPU seconds of every node, then of `others` (pids:
+/// nats-server), come beside it.
+pub async fn run_on(
+    targets: &[&Target],
+    others: &[u32],
+    plan: &Plan,
+) -> anyhow::Result<(Outcome, Vec<f64>)> {
+    let target = targets[0];
     let self_b = plan.self_broadcast;
+    let endpoints: Vec<_> = targets.iter().map(|t| &t.endpoint).collect();
+    let node_of = |i: usize| plan.nodes.get(i).copied().unwrap_or(0) % targets.len();
     let (clients, connect_join_s) =
-        connect_all(&target.endpoint, plan.clients.len(), |i, mut c| {
-            let token = plan.tokens.get(i).unwrap_or(&target.endpoint.token).clone();
+        connect_all_on(&endpoints, node_of, plan.clients.len(), |i, mut c| {
+            let token = plan
+                .tokens
+                .get(i)
+                .unwrap_or(&targets[node_of(i)].endpoint.token)
+                .clone();
             let joins = plan.clients[i].joins.clone();
             async move {
                 for j in &joins {
@@ -210,6 +234,12 @@ pub async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Outcome> {
     let end = start + Duration::from_secs_f64(plan.seconds);
     let stop = end + plan.drain;
     let cpu = CpuSampler::start(target.pid);
+    let samplers: Vec<CpuSampler> = targets
+        .iter()
+        .map(|t| t.pid)
+        .chain(others.iter().map(|p| Some(*p)))
+        .map(CpuSampler::start)
+        .collect();
     let tasks: Vec<_> = clients
         .into_iter()
         .zip(&plan.clients)
@@ -244,9 +274,10 @@ pub async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Outcome> {
         tally.latencies_us.extend(t.latencies_us);
     }
     let cpu = cpu.finish();
+    let cpu_each: Vec<f64> = samplers.iter().map(|s| s.finish().server_cpu_s).collect();
     let expected = plan.expected();
     let latency = Latency::from_us(&mut tally.latencies_us);
-    Ok(Outcome {
+    let outcome = Outcome {
         server: target.name.clone(),
         clients: plan.clients.len(),
         channels: plan.channel_count(),
@@ -264,7 +295,8 @@ pub async fn run(target: &Target, plan: &Plan) -> anyhow::Result<Outcome> {
             .round(),
         cpu,
         errors: tally.errors,
-    })
+    };
+    Ok((outcome, cpu_each))
 }
 
 fn round3(x: f64) -> f64 {

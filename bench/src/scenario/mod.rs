@@ -2,6 +2,7 @@
 //! the command line runs it against every target in turn and prints ratios.
 
 pub mod broadcast;
+pub mod cluster;
 pub mod database;
 pub mod idle;
 pub mod presence;
@@ -58,11 +59,26 @@ where
     F: Fn(usize, Client) -> Fut,
     Fut: Future<Output = anyhow::Result<Client>>,
 {
+    connect_all_on(&[endpoint], |_| 0, count, setup).await
+}
+
+/// [`connect_all`] over several servers: client `i` connects to `endpoints[node_of(i)]`.
+pub async fn connect_all_on<F, Fut>(
+    endpoints: &[&Endpoint],
+    node_of: impl Fn(usize) -> usize,
+    count: usize,
+    setup: F,
+) -> anyhow::Result<(Vec<Client>, f64)>
+where
+    F: Fn(usize, Client) -> Fut,
+    Fut: Future<Output = anyhow::Result<Client>>,
+{
     let started = Instant::now();
     let setup = &setup;
+    let node_of = &node_of;
     let mut results: Vec<(usize, Client)> = futures_util::stream::iter(0..count)
         .map(|i| async move {
-            let client = Client::connect(endpoint).await?;
+            let client = Client::connect(endpoints[node_of(i)]).await?;
             Ok::<_, anyhow::Error>((i, setup(i, client).await?))
         })
         .buffer_unordered(CONNECT_CONCURRENCY)
