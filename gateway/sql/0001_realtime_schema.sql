@@ -2,16 +2,27 @@
 -- Applied by the gateway at start, once, recorded in realtime.schema_migrations.
 -- Roles the objects are granted to are created when absent (a plain Postgres has none of them).
 
+-- Roles belong to the whole Postgres cluster, not to this database, so the migration lock does
+-- not cover them: a gateway migrating another database at the same moment may create one first.
 do $$
 begin
   if not exists (select 1 from pg_roles where rolname = 'anon') then
-    create role anon nologin noinherit;
+    begin
+      create role anon nologin noinherit;
+    exception when duplicate_object or unique_violation then null;
+    end;
   end if;
   if not exists (select 1 from pg_roles where rolname = 'authenticated') then
-    create role authenticated nologin noinherit;
+    begin
+      create role authenticated nologin noinherit;
+    exception when duplicate_object or unique_violation then null;
+    end;
   end if;
   if not exists (select 1 from pg_roles where rolname = 'service_role') then
-    create role service_role nologin noinherit bypassrls;
+    begin
+      create role service_role nologin noinherit bypassrls;
+    exception when duplicate_object or unique_violation then null;
+    end;
   end if;
 end
 $$;

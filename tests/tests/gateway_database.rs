@@ -70,3 +70,49 @@ async fn migrations_are_recorded_and_the_janitor_drops_expired_messages() -> any
     gw.shutdown(Duration::from_secs(10)).await?;
     Ok(())
 }
+
+/// Nodes of a cluster start together on one database: every one of them comes up, and the
+/// migrations run once (they serialise on the advisory lock, the schema's creation included).
+#[tokio::test]
+async fn gateways_starting_at_once_on_a_fresh_database_all_come_up() -> anyhow::Result<()> {
+    let db = cluster().await.fresh_database().await?;
+    let gateways = futures_util::future::try_join_all((0..4).map(|i| {
+        let url = db.url.clone();
+        let slot = format!("gw{i}_{}", db.name);
+        TestGateway::start_with(move |c| {
+            c.database_url = Some(Secret::new(url));
+            c.slot_name = slot;
+        })
+    }))
+    .await?;
+    let client = db.client().await?;
+    wait_for(Duration::from_secs(10), "the migrations", || async {
+        let rows = client
+            .query("select version from realtime.schema_migrations", &[])
+            .await;
+        Ok(rows.is_ok_and(|r| r.len() >= 2).then_some(()))
+    })
+    .await?;
+    // Every node is still serving: its join reply comes back.
+    for gw in gateways {
+        let serving = async {
+            let mut socket = gw.connect(realtime_protocol::Vsn::V2).await?;
+            socket
+                .join_ok("realtime:started-together", serde_json::json!({}))
+                .await
+        }
+        .await;
+        // A node that stopped says why here.
+        let stopped = gw.shutdown(Duration::from_secs(10)).await;
+        if let Err(e) = serving {
+            anyhow::bail!("a node does not serve ({e:#}); it stopped with {stopped:?}");
+        }
+        stopped?;
+    }
+    let versions: i64 = client
+        .query_one("select count(*) from realtime.schema_migrations", &[])
+        .await?
+        .get(0);
+    assert_eq!(versions, 2, "each migration recorded once");
+    Ok(())
+}

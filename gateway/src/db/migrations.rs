@@ -37,13 +37,17 @@ pub enum MigrationError {
 }
 
 pub(crate) async fn apply(client: &Client) -> Result<(), MigrationError> {
+    // Under the lock too: two gateways starting at once on a fresh database would both try
+    // to create the schema, and one would fail on the catalog's unique index. One simple query
+    // of several statements is one transaction, so the lock is held until its end.
     client
-        .batch_execute(
-            "create schema if not exists realtime;
+        .batch_execute(&format!(
+            "select pg_advisory_xact_lock({LOCK_KEY});
+             create schema if not exists realtime;
              create table if not exists realtime.schema_migrations (
                version text primary key,
-               inserted_at timestamptz not null default now())",
-        )
+               inserted_at timestamptz not null default now())"
+        ))
         .await
         .map_err(|e| MigrationError::Setup(e.into()))?;
     for (version, sql) in MIGRATIONS {
