@@ -19,8 +19,13 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo"
 
-cargo build --release -p realtime-gateway
-gateway="$repo/target/release/realtime-gateway"
+# GATEWAY_BIN runs that binary instead of building the release one (the tests do).
+if [ -n "${GATEWAY_BIN:-}" ]; then
+  gateway="$GATEWAY_BIN"
+else
+  cargo build --release -p realtime-gateway
+  gateway="$repo/target/release/realtime-gateway"
+fi
 nodes="${CLUSTER_NODES:-1}"
 nats_pid=""
 
@@ -39,6 +44,15 @@ serve() {
     grep -v '^http_port' "$repo/docker/nats.conf" >"${TMPDIR:-/tmp}/realtime-dev-nats.conf"
     "$nats_bin" -a 127.0.0.1 -p "$nats_port" -c "${TMPDIR:-/tmp}/realtime-dev-nats.conf" >/dev/null 2>&1 &
     nats_pid=$!
+    # Refuse to go on with another server's port (a nats-server left running, say).
+    for _ in $(seq 1 100); do
+      if ! kill -0 "$nats_pid" 2>/dev/null; then
+        echo "run: nats-server could not start on 127.0.0.1:$nats_port (in use? set NATS_PORT)" >&2
+        exit 1
+      fi
+      (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break
+      sleep 0.1
+    done
     pids=()
     if [ -z "${API_JWT_SECRET:-}" ]; then
       API_JWT_SECRET="$(head -c 30 /dev/urandom | base64 | tr '+/' '-_')"
@@ -67,7 +81,13 @@ PY
   trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM
   # A signal interrupts `wait`; keep waiting until every process has exited, so Postgres is
   # stopped only after the gateways released their replication connections.
-  wait -n "${pids[@]}" 2>/dev/null || true
+  # Until a signal or until one of them exits (polled: `wait -n` with ids also returns for
+  # other background jobs).
+  local alive=1
+  while [ "$alive" -eq 1 ]; do
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || alive=0; done
+    [ "$alive" -eq 1 ] && { sleep 0.5 & wait $! || true; }
+  done
   kill -TERM "${pids[@]}" 2>/dev/null || true
   for pid in "${pids[@]}"; do
     while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
