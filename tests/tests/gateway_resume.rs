@@ -37,7 +37,10 @@ async fn a_rejoin_gets_the_rows_it_missed_once_in_order_then_live_ones() -> anyh
     let db = cluster().await.fresh_database().await?;
     let gw = TestGateway::on_database(&db, ITEMS).await?;
     let own = db.client().await?;
-    let mut first = gw.connect(Vsn::V2).await?;
+    // One token for both connections, as a client keeps its token across a reconnect (a token
+    // minted per connection would differ once the second ticks over, and not match).
+    let token = gw.tokens().anon();
+    let mut first = gw.connect_with_key(Vsn::V2, &token).await?;
     first.join_ok("realtime:resume", binding()).await?;
     own.execute("insert into public.items (v) values (1)", &[])
         .await?;
@@ -51,7 +54,7 @@ async fn a_rejoin_gets_the_rows_it_missed_once_in_order_then_live_ones() -> anyh
         own.execute("insert into public.items (v) values ($1)", &[&v])
             .await?;
     }
-    let mut again = gw.connect(Vsn::V2).await?;
+    let mut again = gw.connect_with_key(Vsn::V2, &token).await?;
     again.join_ok("realtime:resume", binding()).await?;
     let (missed, system) = collect_until(&mut again, 21).await?;
     assert_eq!(
@@ -87,7 +90,10 @@ async fn a_parked_channel_past_the_retention_cap_is_told_of_the_gap() -> anyhow:
     })
     .await?;
     let own = db.client().await?;
-    let mut first = gw.connect(Vsn::V2).await?;
+    // One token for both connections, as a client keeps its token across a reconnect (a token
+    // minted per connection would differ once the second ticks over, and not match).
+    let token = gw.tokens().anon();
+    let mut first = gw.connect_with_key(Vsn::V2, &token).await?;
     first.join_ok("realtime:capped", binding()).await?;
     first.close().await?;
     gw.wait_for_metric("realtime_resume_parked", Duration::from_secs(5), |v| {
@@ -104,7 +110,7 @@ async fn a_parked_channel_past_the_retention_cap_is_told_of_the_gap() -> anyhow:
         v == 0.0
     })
     .await?;
-    let mut again = gw.connect(Vsn::V2).await?;
+    let mut again = gw.connect_with_key(Vsn::V2, &token).await?;
     again.join_ok("realtime:capped", binding()).await?;
     own.execute("insert into public.items (v) values (5000)", &[])
         .await?;
