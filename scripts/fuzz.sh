@@ -15,7 +15,7 @@ seconds="${1:-10}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(v1_text v2_text binary_push join_payload pgoutput filter policy)
+  targets=(v1_text v2_text binary_push join_payload pgoutput filter policy wal_wire)
 fi
 
 if ! cargo fuzz --version >/dev/null 2>&1; then

@@ -29,6 +29,7 @@
 //! - [`config`]: Postgres URL parsing, listener settings.
 //! - [`error`]: typed errors and their retry classification.
 //! - [`lsn`]: WAL positions.
+//! - [`wire`]: a transaction part as bytes and back, for a change log shared between processes.
 //! - `catalog` (private): preflight checks and type resolution on a tokio-postgres connection.
 //! - `replication` (private): startup, authentication (trust, cleartext, md5, SCRAM-SHA-256), simple
 //!   queries, CopyBoth framing.
@@ -44,6 +45,7 @@ pub mod pgoutput;
 mod replication;
 mod transport;
 pub mod value;
+pub mod wire;
 
 pub use catalog::PgType;
 /// A plain SQL connection (tokio-postgres) over the same transport as the replication stream

@@ -177,7 +177,7 @@ pub enum ReplicaIdentity {
 }
 
 impl ReplicaIdentity {
-    fn from_byte(b: u8) -> Self {
+    pub(crate) fn from_byte(b: u8) -> Self {
         match b {
             b'd' => ReplicaIdentity::Default,
             b'n' => ReplicaIdentity::Nothing,
