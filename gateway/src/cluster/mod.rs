@@ -490,15 +490,7 @@ impl Bus for Arc<Cluster> {
 
     fn interest(&self, key: &TopicKey) -> Option<Ready> {
         let mut interest = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        let entry = match interest.get_mut(key) {
-            // A finished task has no subscription (it failed, or its stream ended): again.
-            Some(entry) if !entry.task.is_finished() => entry,
-            _ => {
-                interest.insert(key.clone(), self.follow(key));
-                interest.get_mut(key).expect("just inserted")
-            }
-        };
-        entry.wanted = Instant::now();
+        let entry = self.wanted(&mut interest, key);
         if *entry.ready.borrow() {
             return None;
         }
@@ -509,16 +501,33 @@ impl Bus for Arc<Cluster> {
     }
 
     fn touch(&self, key: &TopicKey) {
+        // A join that outlasted the linger (a slow authorization check), whose subject the
+        // sweep let go, follows it again at once.
         let mut interest = self.interest.lock().unwrap_or_else(|p| p.into_inner());
-        match interest.get_mut(key) {
-            Some(entry) if !entry.task.is_finished() => entry.wanted = Instant::now(),
-            _ => {
-                // The join outlasted the linger (a slow authorization check) and the sweep
-                // let the subject go: follow it again at once.
-                debug!(topic = %key.topic, "cluster: a join outlasted its subscription; subscribing again");
-                interest.insert(key.clone(), self.follow(key));
+        self.wanted(&mut interest, key);
+    }
+}
+
+impl Cluster {
+    /// `key`'s entry, wanted now; followed again when there is none or its task finished (a
+    /// finished task has no subscription: it failed, or its stream ended).
+    fn wanted<'m>(
+        self: &Arc<Cluster>,
+        interest: &'m mut HashMap<TopicKey, Interest>,
+        key: &TopicKey,
+    ) -> &'m mut Interest {
+        let entry = match interest.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(e) if !e.get().task.is_finished() => {
+                e.into_mut()
             }
-        }
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.insert(self.follow(key));
+                e.into_mut()
+            }
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.follow(key)),
+        };
+        entry.wanted = Instant::now();
+        entry
     }
 }
 
