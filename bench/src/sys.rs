@@ -115,6 +115,17 @@ impl CpuSampler {
         }
     }
 
+    /// CPU seconds the process used since the start, alone (no noise check: with several
+    /// servers measured at once, the others are not noise).
+    pub fn server_cpu_s(&self) -> f64 {
+        let ticks = self
+            .server
+            .and_then(proc_ticks)
+            .unwrap_or(0)
+            .saturating_sub(self.server_ticks);
+        ticks as f64 / ticks_per_second()
+    }
+
     pub fn finish(&self) -> CpuReport {
         let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
         let hz = ticks_per_second();

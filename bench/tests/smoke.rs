@@ -149,21 +149,10 @@ async fn the_database_scenarios_run_against_the_gateway() {
     stop.cancel();
 }
 
-#[test]
-fn the_command_line_prints_json() {
-    let bin = Path::new(env!("CARGO_BIN_EXE_realtime-bench"));
-    let out = std::process::Command::new(bin)
-        .args([
-            "--servers",
-            "limit",
-            "fanout",
-            "--subscribers",
-            "3",
-            "--rates",
-            "10",
-            "--seconds",
-            "0.3",
-        ])
+/// Runs the bench binary with `args`; it must succeed and print one JSON document.
+fn bench(args: &[&str]) -> (std::process::Output, serde_json::Value) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_realtime-bench"))
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -171,7 +160,24 @@ fn the_command_line_prints_json() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let doc = serde_json::from_slice(&out.stdout).unwrap();
+    (out, doc)
+}
+
+#[test]
+fn the_command_line_prints_json() {
+    let bin = Path::new(env!("CARGO_BIN_EXE_realtime-bench"));
+    let (out, doc) = bench(&[
+        "--servers",
+        "limit",
+        "fanout",
+        "--subscribers",
+        "3",
+        "--rates",
+        "10",
+        "--seconds",
+        "0.3",
+    ]);
     assert_eq!(doc["scenario"], "fanout");
     assert!(doc["steps"][0]["results"][0]["delivered"].as_u64() > Some(0));
     assert!(String::from_utf8_lossy(&out.stderr).contains("summary: fanout"));
@@ -207,34 +213,24 @@ fn the_command_line_prints_json() {
 /// (the `realtime-gateway` binary next to this one), every path delivering.
 #[test]
 fn the_cluster_scenario_runs_on_nats() {
-    let bin = Path::new(env!("CARGO_BIN_EXE_realtime-bench"));
     assert!(
         ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
             .iter()
             .any(|p| Path::new(p).exists()),
         "nats-server is missing (scripts/install-deps.sh installs it)"
     );
-    let out = std::process::Command::new(bin)
-        .args([
-            "cluster",
-            "--subscribers",
-            "3",
-            "--rate",
-            "20",
-            "--seconds",
-            "0.5",
-            "--rounds",
-            "1",
-            "--no-scaling",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (out, doc) = bench(&[
+        "cluster",
+        "--subscribers",
+        "3",
+        "--rate",
+        "20",
+        "--seconds",
+        "0.5",
+        "--rounds",
+        "1",
+        "--no-scaling",
+    ]);
     assert_eq!(doc["scenario"], "cluster");
     let rows = doc["steps"][0]["results"]["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 3);

@@ -233,7 +233,7 @@ pub async fn run_on(
     let start = Instant::now() + Duration::from_millis(50);
     let end = start + Duration::from_secs_f64(plan.seconds);
     let stop = end + plan.drain;
-    let cpu = CpuSampler::start(target.pid);
+    // The first node's sampler is the outcome's server CPU.
     let samplers: Vec<CpuSampler> = targets
         .iter()
         .map(|t| t.pid)
@@ -273,8 +273,8 @@ pub async fn run_on(
         tally.errors += t.errors;
         tally.latencies_us.extend(t.latencies_us);
     }
-    let cpu = cpu.finish();
-    let cpu_each: Vec<f64> = samplers.iter().map(|s| s.finish().server_cpu_s).collect();
+    let cpu = samplers[0].finish();
+    let cpu_each: Vec<f64> = samplers.iter().map(CpuSampler::server_cpu_s).collect();
     let expected = plan.expected();
     let latency = Latency::from_us(&mut tally.latencies_us);
     let outcome = Outcome {

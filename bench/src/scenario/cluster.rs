@@ -167,7 +167,8 @@ pub async fn latency(
             )
         })
         .collect();
-    let ratio = |path: &str, key: &str| servers_ratio(median(path, key), median(PATHS[0], key));
+    let ratio =
+        |path: &str, key: &str| crate::scenario::ratio(median(path, key), median(PATHS[0], key));
     Ok(json!({
         "subscribers": subscribers,
         "rate": rate,
@@ -179,10 +180,6 @@ pub async fn latency(
         "cross_over_single": {"p50": ratio(PATHS[2], "p50_ms"), "p99": ratio(PATHS[2], "p99_ms")},
         "local_over_single": {"p50": ratio(PATHS[1], "p50_ms"), "p99": ratio(PATHS[1], "p99_ms")},
     }))
-}
-
-fn servers_ratio(a: f64, b: f64) -> Option<f64> {
-    crate::scenario::ratio(a, b)
 }
 
 /// Groups of `size` members, one publisher per group at `rate`, `self` on: members of group
