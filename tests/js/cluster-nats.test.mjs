@@ -9,7 +9,8 @@ import { after, before, test } from 'node:test'
 import { closeClients, joined, supabaseClient } from './lib/clients.mjs'
 import { freePort, startGateway } from './lib/gateway.mjs'
 import { startNats } from './lib/nats.mjs'
-import { presenceJoined } from './lib/presence-helpers.mjs'
+import { delay as sleep } from './lib/inbox.mjs'
+import { keysOf as keys, presenceJoined } from './lib/presence-helpers.mjs'
 
 const DOWN_AFTER_MS = 2000
 const servers = []
@@ -43,9 +44,7 @@ after(async () => {
   await Promise.all(servers.map((s) => s.stop()))
 })
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 const client = (gw) => supabaseClient(gw, { realtime: { timeout: 5000 } })
-const keys = (state) => Object.keys(state).sort()
 
 async function until(what, check, ms) {
   const started = Date.now()

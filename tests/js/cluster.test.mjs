@@ -13,7 +13,8 @@ import { after, before, test } from 'node:test'
 import { closeClients, joined, supabaseClient } from './lib/clients.mjs'
 import { startGateway } from './lib/gateway.mjs'
 import { startNats } from './lib/nats.mjs'
-import { presenceJoined } from './lib/presence-helpers.mjs'
+import { delay as sleep } from './lib/inbox.mjs'
+import { keysOf as keys, presenceJoined } from './lib/presence-helpers.mjs'
 import { startProxy } from './lib/proxy.mjs'
 
 const DOWN_AFTER_MS = 2000
@@ -50,7 +51,6 @@ after(async () => {
 
 const room = (label) => `cluster-${label}-${randomUUID()}`
 const client = (gw) => supabaseClient(gw, { realtime: { timeout: 5000 } })
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
 
 /** Waits until every node has heard from `count` others. */
 async function peersUp(gws, count, ms = 10_000) {
@@ -63,8 +63,6 @@ async function peersUp(gws, count, ms = 10_000) {
   }
 }
 
-/** The presence keys a channel sees, sorted. */
-const keys = (state) => Object.keys(state).sort()
 
 test('broadcasts from every node reach every subscriber on every node once, in each sender order', async () => {
   const [a, b, c] = nodes

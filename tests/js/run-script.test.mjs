@@ -6,11 +6,11 @@
 import assert from 'node:assert/strict'
 import { spawn } from 'node:child_process'
 import { randomUUID } from 'node:crypto'
-import { connect } from 'node:net'
 import { fileURLToPath } from 'node:url'
 import { after, test } from 'node:test'
 import { closeClients, joined, supabaseClient } from './lib/clients.mjs'
-import { freePort, gatewayBinary } from './lib/gateway.mjs'
+import { freePort, gatewayBinary, healthcheck, listening } from './lib/gateway.mjs'
+import { delay as sleep } from './lib/inbox.mjs'
 
 const script = fileURLToPath(new URL('../../scripts/run.sh', import.meta.url))
 const running = new Set()
@@ -19,25 +19,9 @@ after(async () => {
   for (const child of running) child.kill('SIGKILL')
 })
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms))
-
-function listening(port) {
-  return new Promise((resolve) => {
-    const socket = connect({ host: '127.0.0.1', port }, () => {
-      socket.destroy()
-      resolve(true)
-    })
-    socket.on('error', () => resolve(false))
-  })
-}
-
 async function healthy(port) {
-  try {
-    const response = await fetch(`http://127.0.0.1:${port}/healthcheck`)
-    return response.status === 200 && (await response.text()) === 'ok'
-  } catch {
-    return false
-  }
+  const { status, body } = await healthcheck(port)
+  return status === 200 && body === 'ok'
 }
 
 /** Two free ports in a row (the script puts node n on PORT + n - 1). */

@@ -8,7 +8,7 @@ import { spawn } from 'node:child_process'
 import { createHmac, randomBytes } from 'node:crypto'
 import { existsSync } from 'node:fs'
 import { get as httpGet } from 'node:http'
-import { createServer } from 'node:net'
+import { connect, createServer } from 'node:net'
 import { fileURLToPath } from 'node:url'
 
 const REPO = fileURLToPath(new URL('../../../', import.meta.url))
@@ -69,11 +69,22 @@ export function signJwt(secret, claims = {}, { alg = 'HS256', expiresIn = 3600, 
   return `${input}.${createHmac(hash, secret).update(input).digest('base64url')}`
 }
 
+/** Whether something accepts TCP connections on 127.0.0.1:`port`. */
+export function listening(port) {
+  return new Promise((resolve) => {
+    const socket = connect({ host: '127.0.0.1', port }, () => {
+      socket.destroy()
+      resolve(true)
+    })
+    socket.on('error', () => resolve(false))
+  })
+}
+
 /**
  * GET /healthcheck on a connection of its own that is closed afterwards (unlike fetch's pooled
  * keep-alive connections, which would linger in the gateway). `{ status: 0 }` when nothing answers.
  */
-function healthcheck(port) {
+export function healthcheck(port) {
   return new Promise((resolve) => {
     const req = httpGet(
       { host: '127.0.0.1', port, path: '/healthcheck', agent: false, headers: { Connection: 'close' } },

@@ -4,10 +4,9 @@
 
 import { spawn } from 'node:child_process'
 import { existsSync, mkdtempSync, writeFileSync } from 'node:fs'
-import { connect } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
-import { freePort } from './gateway.mjs'
+import { freePort, listening } from './gateway.mjs'
 
 const children = new Set()
 process.on('exit', () => {
@@ -18,16 +17,6 @@ export function natsBinary() {
   if (process.env.NATS_SERVER_BIN) return process.env.NATS_SERVER_BIN
   for (const path of ['/usr/sbin/nats-server', '/usr/bin/nats-server']) if (existsSync(path)) return path
   return 'nats-server'
-}
-
-function listening(port) {
-  return new Promise((resolve) => {
-    const socket = connect({ host: '127.0.0.1', port }, () => {
-      socket.destroy()
-      resolve(true)
-    })
-    socket.on('error', () => resolve(false))
-  })
 }
 
 /**
