@@ -81,13 +81,7 @@ PY
   trap 'kill -TERM "${pids[@]}" 2>/dev/null' INT TERM
   # A signal interrupts `wait`; keep waiting until every process has exited, so Postgres is
   # stopped only after the gateways released their replication connections.
-  # Until a signal or until one of them exits (polled: `wait -n` with ids also returns for
-  # other background jobs).
-  local alive=1
-  while [ "$alive" -eq 1 ]; do
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null || alive=0; done
-    [ "$alive" -eq 1 ] && { sleep 0.5 & wait $! || true; }
-  done
+  wait -n "${pids[@]}" 2>/dev/null || true
   kill -TERM "${pids[@]}" 2>/dev/null || true
   for pid in "${pids[@]}"; do
     while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
